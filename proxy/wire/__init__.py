@@ -1,0 +1,60 @@
+"""The MongoDB wire protocol, sans-I/O: bytes in, messages out, messages in, bytes out.
+
+No module here performs I/O or imports asyncio. Every parser raises
+ProtocolError, and nothing else, for any invalid input from a peer.
+"""
+
+from proxy.wire.bson_options import CODEC_OPTIONS
+from proxy.wire.errors import ProtocolError
+from proxy.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameReader
+from proxy.wire.header import (
+    HEADER_SIZE,
+    MsgHeader,
+    OpCode,
+    check_frame,
+    encode_header,
+    parse_header,
+)
+from proxy.wire.op_msg import (
+    CHECKSUM_PRESENT,
+    EXHAUST_ALLOWED,
+    MORE_TO_COME,
+    CommandPeek,
+    DocumentSequence,
+    OpMsg,
+    encode_op_msg,
+    encode_op_msg_reply,
+    parse_op_msg,
+    peek_op_msg,
+)
+from proxy.wire.op_query import OpQuery, encode_op_query, parse_op_query
+from proxy.wire.op_reply import OpReply, encode_op_reply, parse_op_reply
+
+__all__ = [
+    "CHECKSUM_PRESENT",
+    "CODEC_OPTIONS",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "EXHAUST_ALLOWED",
+    "HEADER_SIZE",
+    "MORE_TO_COME",
+    "CommandPeek",
+    "DocumentSequence",
+    "FrameReader",
+    "MsgHeader",
+    "OpCode",
+    "OpMsg",
+    "OpQuery",
+    "OpReply",
+    "ProtocolError",
+    "check_frame",
+    "encode_header",
+    "encode_op_msg",
+    "encode_op_msg_reply",
+    "encode_op_query",
+    "encode_op_reply",
+    "parse_header",
+    "parse_op_msg",
+    "parse_op_query",
+    "parse_op_reply",
+    "peek_op_msg",
+]

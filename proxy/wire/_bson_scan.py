@@ -1,0 +1,159 @@
+"""Walk the top-level elements of a BSON document without decoding it.
+
+``peek_op_msg`` runs on every frame, so it must not pay for a full decode.
+This walker only reads type bytes and sizes to step from one element to the
+next. It checks that every element stays inside the document, but it does
+not look inside nested documents, so a frame it accepts can still fail a full
+decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from proxy.wire._decode import INT32, MIN_DOCUMENT_SIZE, decode_utf8
+from proxy.wire.errors import ProtocolError
+
+STRING = 0x02
+
+# Value sizes of the types whose values have a fixed width: double, undefined,
+# ObjectId, bool, UTC datetime, null, int32, timestamp, int64, decimal128,
+# min key and max key.
+_FIXED_SIZES = {
+    0x01: 8,
+    0x06: 0,
+    0x07: 12,
+    0x08: 1,
+    0x09: 8,
+    0x0A: 0,
+    0x10: 4,
+    0x11: 8,
+    0x12: 8,
+    0x13: 16,
+    0xFF: 0,
+    0x7F: 0,
+}
+
+# string, JavaScript code and symbol: int32 byte count (terminating zero
+# included), then the bytes.
+_STRING_TYPES = frozenset({0x02, 0x0D, 0x0E})
+
+# embedded document, array and code with scope: an int32 that counts the
+# whole value, itself included.
+_SIZED_TYPES = frozenset({0x03, 0x04, 0x0F})
+
+_BINARY = 0x05
+_REGEX = 0x0B
+_DB_POINTER = 0x0C
+_OBJECT_ID_SIZE = 12
+
+
+# One element as iter_elements yields it: type byte, raw key, offset of the
+# key, offset of the value, offset just past the value. It is a plain tuple
+# because that is much cheaper to create than a NamedTuple, once per element.
+Element = tuple[int, bytes, int, int, int]
+
+
+def iter_elements(data: bytes, offset: int, end: int) -> Iterator[Element]:
+    """Yield the top-level elements of the document at ``offset``.
+
+    ``end`` is the offset just past the document. The caller has already
+    checked the document's declared length with ``document_end``. Raises
+    ProtocolError when an element overruns the document or the document does
+    not end with a zero byte.
+    """
+    last = end - 1
+    if data[last] != 0:
+        raise ProtocolError("document does not end with a zero byte", last)
+
+    position = offset + INT32.size
+    while position < last:
+        type_byte = data[position]
+        key_offset = position + 1
+        key_end = data.find(b"\x00", key_offset, last)
+        if key_end < 0:
+            raise ProtocolError("element name has no terminating zero byte", key_offset)
+
+        value_offset = key_end + 1
+        value_end = skip_value(data, type_byte, value_offset, last)
+        yield type_byte, data[key_offset:key_end], key_offset, value_offset, value_end
+        position = value_end
+
+
+def skip_value(data: bytes, type_byte: int, offset: int, limit: int) -> int:
+    """Return the offset just past the value of type ``type_byte`` at ``offset``.
+
+    ``limit`` is the offset of the enclosing document's terminating zero byte,
+    which no value may reach.
+    """
+    fixed = _FIXED_SIZES.get(type_byte)
+    if fixed is not None:
+        end = offset + fixed
+    elif type_byte in _STRING_TYPES:
+        end = _string_end(data, offset, limit)
+    elif type_byte in _SIZED_TYPES:
+        end = _embedded_end(data, offset, limit)
+    elif type_byte == _BINARY:
+        end = _binary_end(data, offset, limit)
+    elif type_byte == _REGEX:
+        end = _cstring_end(data, _cstring_end(data, offset, limit), limit)
+    elif type_byte == _DB_POINTER:
+        end = _string_end(data, offset, limit) + _OBJECT_ID_SIZE
+    else:
+        raise ProtocolError(f"unknown BSON element type 0x{type_byte:02x}", offset - 1)
+
+    if end > limit:
+        raise ProtocolError("element value overruns its document", offset)
+    return end
+
+
+def read_string(data: bytes, value_offset: int, value_end: int, field: str) -> str:
+    """Decode the string value that ``iter_elements`` found at these offsets."""
+    start = value_offset + INT32.size
+    return decode_utf8(data[start : value_end - 1], start, field)
+
+
+def _string_end(data: bytes, offset: int, limit: int) -> int:
+    if offset + INT32.size > limit:
+        raise ProtocolError("string length is truncated", offset)
+
+    (size,) = INT32.unpack_from(data, offset)
+    end = offset + INT32.size + size
+    if size < 1 or end > limit:
+        raise ProtocolError(f"string declares an invalid length of {size} bytes", offset)
+    if data[end - 1] != 0:
+        raise ProtocolError("string does not end with a zero byte", end - 1)
+    return end
+
+
+def _embedded_end(data: bytes, offset: int, limit: int) -> int:
+    if offset + INT32.size > limit:
+        raise ProtocolError("embedded value length is truncated", offset)
+
+    (size,) = INT32.unpack_from(data, offset)
+    end = offset + size
+    if size < MIN_DOCUMENT_SIZE or end > limit:
+        raise ProtocolError(f"embedded value declares an invalid length of {size} bytes", offset)
+    # Code with scope ends with its scope document, so all three types end in zero.
+    if data[end - 1] != 0:
+        raise ProtocolError("embedded value does not end with a zero byte", end - 1)
+    return end
+
+
+def _binary_end(data: bytes, offset: int, limit: int) -> int:
+    if offset + INT32.size > limit:
+        raise ProtocolError("binary length is truncated", offset)
+
+    (size,) = INT32.unpack_from(data, offset)
+    if size < 0:
+        raise ProtocolError(f"binary declares a negative length of {size} bytes", offset)
+    # int32 length, one subtype byte, then the payload.
+    return offset + INT32.size + 1 + size
+
+
+def _cstring_end(data: bytes, offset: int, limit: int) -> int:
+    terminator = data.find(b"\x00", offset, limit)
+    if terminator < 0:
+        raise ProtocolError("regular expression has no terminating zero byte", offset)
+    return terminator + 1
+

@@ -1,0 +1,298 @@
+"""OP_MSG (op code 2013): the message format of every modern MongoDB command and reply.
+
+Layout after the 16-byte header, from MongoDB's OP_MSG specification:
+
+* ``uint32 flagBits``. Bits 0-15 are required: a receiver must reject a
+  message with a bit set there that it does not know. Bits 16-31 are optional
+  and may be ignored.
+* One or more sections, each starting with a kind byte. Kind 0 is one BSON
+  document, the command body, and a message contains exactly one. Kind 1 is
+  a document sequence: an int32 size that counts itself, a cstring identifier
+  and BSON documents up to the size. Each identifier appears at most once.
+* When flag bit 0 (checksumPresent) is set, a uint32 CRC-32C of all the bytes
+  before it, header included, ends the message.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import bson
+import crc32c
+
+from proxy.wire._bson_scan import STRING, iter_elements, read_string
+from proxy.wire._decode import (
+    INT32,
+    UINT32,
+    decode_document,
+    decode_documents,
+    decode_utf8,
+    document_end,
+    read_cstring,
+    read_int32,
+    read_uint32,
+)
+from proxy.wire.bson_options import CODEC_OPTIONS
+from proxy.wire.errors import ProtocolError
+from proxy.wire.header import HEADER_SIZE, OpCode, check_frame, encode_header
+
+CHECKSUM_PRESENT = 1 << 0
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+
+_REQUIRED_BITS = 0xFFFF
+_KNOWN_REQUIRED_BITS = CHECKSUM_PRESENT | MORE_TO_COME
+_MAX_FLAG_BITS = 0xFFFFFFFF
+
+_BODY_KIND = 0
+_SEQUENCE_KIND = 1
+_FLAGS_OFFSET = HEADER_SIZE
+_SECTIONS_OFFSET = HEADER_SIZE + UINT32.size
+_CHECKSUM_SIZE = UINT32.size
+
+
+class DocumentSequence(NamedTuple):
+    """A kind-1 section: documents that belong to the body field ``identifier``."""
+
+    identifier: str
+    documents: list[dict]
+
+
+class OpMsg(NamedTuple):
+    """A decoded OP_MSG: flag bits, the kind-0 body and the kind-1 sections in order."""
+
+    flag_bits: int
+    body: dict
+    sequences: list[DocumentSequence]
+
+
+class CommandPeek(NamedTuple):
+    """The command name, collection and database that ``peek_op_msg`` reads.
+
+    ``name`` is the body's first key. ``collection`` is the first element's
+    value when that is a string, except for getMore, where it is the value of
+    the ``collection`` element. ``database`` is the value of ``$db``. Both are
+    None when absent or not strings.
+    """
+
+    name: str
+    collection: str | None
+    database: str | None
+    flag_bits: int
+
+
+class _Sections(NamedTuple):
+    """Offsets of the sections in a frame: the body and each sequence's identifier."""
+
+    body_offset: int
+    body_end: int
+    sequence_spans: list[tuple[int, int]]
+
+
+def parse_op_msg(frame: bytes) -> OpMsg:
+    """Decode a whole OP_MSG frame, header included.
+
+    Verifies the checksum when checksumPresent is set and decodes every
+    section. Raises ProtocolError when the frame breaks a rule of the OP_MSG
+    specification, when a sequence identifier repeats or is also a body
+    field, or when a document is not valid BSON.
+    """
+    flag_bits = _check_prefix(frame)
+    if flag_bits & CHECKSUM_PRESENT:
+        _verify_checksum(frame)
+
+    sections = _find_sections(frame, flag_bits)
+    body, _ = decode_document(frame, sections.body_offset, sections.body_end, "body document")
+    sequences = []
+    for start, end in sections.sequence_spans:
+        sequence = _decode_sequence(frame, start, end)
+        _check_identifier(sequence.identifier, body, sequences, start)
+        sequences.append(sequence)
+    return OpMsg(flag_bits, body, sequences)
+
+
+def encode_op_msg(msg: OpMsg, request_id: int, response_to: int) -> bytes:
+    """Encode ``msg`` as a whole frame: the body first, then the sequences in order.
+
+    When CHECKSUM_PRESENT is set in ``msg.flag_bits``, a fresh CRC-32C of the
+    new bytes ends the frame. Raises ValueError when the flag bits do not fit
+    in a uint32 or an identifier contains a zero byte.
+    """
+    if not 0 <= msg.flag_bits <= _MAX_FLAG_BITS:
+        raise ValueError(f"flag_bits must fit in a uint32, got {msg.flag_bits}")
+
+    parts = [
+        UINT32.pack(msg.flag_bits),
+        bytes((_BODY_KIND,)),
+        bson.encode(msg.body, codec_options=CODEC_OPTIONS),
+    ]
+    parts.extend(_encode_sequence(sequence) for sequence in msg.sequences)
+    payload = b"".join(parts)
+
+    has_checksum = bool(msg.flag_bits & CHECKSUM_PRESENT)
+    length = HEADER_SIZE + len(payload) + (_CHECKSUM_SIZE if has_checksum else 0)
+    frame = encode_header(length, request_id, response_to, OpCode.MSG) + payload
+    if has_checksum:
+        frame += UINT32.pack(crc32c.crc32c(frame))
+    return frame
+
+
+def encode_op_msg_reply(body: dict, response_to: int, request_id: int) -> bytes:
+    """Encode a reply frame with no flag bits and ``body`` as its only section."""
+    return encode_op_msg(OpMsg(0, body, []), request_id, response_to)
+
+
+def peek_op_msg(frame: bytes) -> CommandPeek:
+    """Read the command name, collection and database of an OP_MSG frame.
+
+    Checks the header, the flag bits, the section layout and the body's
+    top-level elements, and decodes only the strings it returns. It does not
+    verify the checksum or decode document sequences, so the server still
+    validates those in a frame forwarded unchanged. A body key that repeats
+    the command name, ``$db``, or ``collection`` of a getMore raises
+    ProtocolError, because the proxy and the server might otherwise act on
+    different copies. An empty body gives the name "".
+    """
+    flag_bits = _check_prefix(frame)
+    sections = _find_sections(frame, flag_bits)
+    return _peek_body(frame, sections, flag_bits)
+
+
+def _check_prefix(frame: bytes) -> int:
+    """Check the header and return the flag bits, rejecting unknown required bits."""
+    check_frame(frame, OpCode.MSG)
+    flag_bits = read_uint32(frame, _FLAGS_OFFSET, len(frame), "flagBits")
+
+    unknown = flag_bits & _REQUIRED_BITS & ~_KNOWN_REQUIRED_BITS
+    if unknown:
+        raise ProtocolError(
+            f"flagBits sets unknown required bits 0x{unknown:04x}", _FLAGS_OFFSET
+        )
+    return flag_bits
+
+
+def _verify_checksum(frame: bytes) -> None:
+    checksum_offset = len(frame) - _CHECKSUM_SIZE
+    if checksum_offset < _SECTIONS_OFFSET:
+        raise ProtocolError("checksumPresent is set but the checksum is missing", len(frame))
+
+    expected = UINT32.unpack_from(frame, checksum_offset)[0]
+    actual = crc32c.crc32c(memoryview(frame)[:checksum_offset])
+    if actual != expected:
+        raise ProtocolError("CRC-32C checksum does not match the message", checksum_offset)
+
+
+def _find_sections(frame: bytes, flag_bits: int) -> _Sections:
+    """Walk the sections by their sizes and return their offsets."""
+    end = len(frame)
+    if flag_bits & CHECKSUM_PRESENT:
+        end -= _CHECKSUM_SIZE
+    if end <= _SECTIONS_OFFSET:
+        raise ProtocolError("OP_MSG has no sections", _SECTIONS_OFFSET)
+
+    body: tuple[int, int] | None = None
+    spans = []
+    position = _SECTIONS_OFFSET
+    while position < end:
+        kind = frame[position]
+        if kind == _BODY_KIND:
+            if body is not None:
+                raise ProtocolError("OP_MSG has more than one kind-0 section", position)
+            body_end = document_end(frame, position + 1, end, "body document")
+            body = (position + 1, body_end)
+            position = body_end
+        elif kind == _SEQUENCE_KIND:
+            span = _sequence_span(frame, position + 1, end)
+            spans.append(span)
+            position = span[1]
+        else:
+            raise ProtocolError(f"unknown OP_MSG section kind {kind}", position)
+
+    if body is None:
+        raise ProtocolError("OP_MSG has no kind-0 section", _SECTIONS_OFFSET)
+    return _Sections(body[0], body[1], spans)
+
+
+def _sequence_span(frame: bytes, offset: int, end: int) -> tuple[int, int]:
+    """Return where a kind-1 section's identifier starts and where the section ends."""
+    size = read_int32(frame, offset, end, "document sequence size")
+    # The size counts its own 4 bytes and at least the identifier's zero byte.
+    if size < INT32.size + 1:
+        raise ProtocolError(f"document sequence declares an invalid size of {size}", offset)
+    if size > end - offset:
+        raise ProtocolError(
+            f"document sequence declares {size} bytes but only {end - offset} remain",
+            offset,
+        )
+    return offset + INT32.size, offset + size
+
+
+def _decode_sequence(frame: bytes, start: int, end: int) -> DocumentSequence:
+    identifier, documents_offset = read_cstring(
+        frame, start, end, "document sequence identifier"
+    )
+    field = f"document in sequence {identifier!r}"
+    documents = decode_documents(frame, documents_offset, end, field)
+    return DocumentSequence(identifier, documents)
+
+
+def _check_identifier(
+    identifier: str, body: dict, earlier: list[DocumentSequence], offset: int
+) -> None:
+    # A field given twice would leave the rewrite layer to pick one copy while
+    # the server might pick the other.
+    if any(sequence.identifier == identifier for sequence in earlier):
+        raise ProtocolError(f"document sequence {identifier!r} appears twice", offset)
+    if identifier in body:
+        raise ProtocolError(
+            f"document sequence {identifier!r} is also a field of the body", offset
+        )
+
+
+def _encode_sequence(sequence: DocumentSequence) -> bytes:
+    identifier = sequence.identifier.encode("utf-8")
+    if b"\x00" in identifier:
+        raise ValueError(
+            f"document sequence identifier {sequence.identifier!r} contains a zero byte"
+        )
+
+    documents = b"".join(
+        bson.encode(document, codec_options=CODEC_OPTIONS) for document in sequence.documents
+    )
+    size = INT32.size + len(identifier) + 1 + len(documents)
+    return b"".join(
+        (bytes((_SEQUENCE_KIND,)), INT32.pack(size), identifier, b"\x00", documents)
+    )
+
+
+def _peek_body(frame: bytes, sections: _Sections, flag_bits: int) -> CommandPeek:
+    name = ""
+    collection = None
+    database = None
+    watched: set[bytes] = set()
+    seen: set[bytes] = set()
+
+    elements = iter_elements(frame, sections.body_offset, sections.body_end)
+    for type_byte, key, key_offset, value_offset, value_end in elements:
+        if not watched:
+            # The first element: its key is the command name.
+            name = decode_utf8(key, key_offset, "command name")
+            watched = {key, b"$db", b"collection"} if name == "getMore" else {key, b"$db"}
+            if name != "getMore" and type_byte == STRING:
+                collection = read_string(frame, value_offset, value_end, "collection name")
+
+        if key not in watched:
+            continue
+        if key in seen:
+            field = key.decode("utf-8", "replace")
+            raise ProtocolError(f"body field {field!r} appears twice", key_offset)
+        seen.add(key)
+
+        if type_byte != STRING:
+            continue
+        if key == b"$db":
+            database = read_string(frame, value_offset, value_end, "value of $db")
+        elif key == b"collection" and name == "getMore":
+            collection = read_string(frame, value_offset, value_end, "value of collection")
+
+    return CommandPeek(name, collection, database, flag_bits)
