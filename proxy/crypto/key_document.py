@@ -1,0 +1,117 @@
+"""Key-vault documents in MongoDB's schema for data keys.
+
+The schema is the one in MongoDB's Client Side Encryption specification ("Key
+vault collection schema for data keys"):
+
+    _id           UUID (BSON binary subtype 4)
+    keyAltNames   array of unique strings, left out when there are none
+    keyMaterial   the wrapped data key (BSON binary subtype 0)
+    creationDate  date
+    updateDate    date
+    status        int, 0 = enabled (informational: drivers do not check it)
+    masterKey     the master key that wrapped keyMaterial, {provider: "local"}
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterable, Mapping
+
+from bson.binary import Binary
+
+from proxy.crypto.data_key import DataKey
+from proxy.crypto.errors import DecryptionError, KeyDocumentError
+from proxy.crypto.master_key import LOCAL_PROVIDER, LocalMasterKey
+
+
+def new_key_document(
+    material_wrapped: bytes,
+    alt_names: Iterable[str],
+    master_key_doc: Mapping[str, object],
+    *,
+    key_id: uuid.UUID | None = None,
+    now: datetime.datetime | None = None,
+) -> dict[str, object]:
+    """Return a new key document for wrapped key material.
+
+    ``key_id`` defaults to a random UUID (version 4) and ``now`` to the current
+    UTC time. Dates are cut to milliseconds, the precision of a BSON date, so the
+    document compares equal after a round trip through the server.
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+    document: dict[str, object] = {"_id": key_id if key_id is not None else uuid.uuid4()}
+    alt_names = list(alt_names)
+    if alt_names:
+        # An empty array would still be indexed by the unique keyAltNames index
+        # and collide with every other key that has no alt names.
+        document["keyAltNames"] = alt_names
+    document.update(
+        keyMaterial=Binary(bytes(material_wrapped), 0),
+        creationDate=now,
+        updateDate=now,
+        status=0,
+        masterKey=dict(master_key_doc),
+    )
+    return document
+
+
+def data_key_from_document(
+    doc: Mapping[str, object], master_key: LocalMasterKey
+) -> DataKey:
+    """Unwrap the key material of a key document and return the data key.
+
+    Raises KeyDocumentError naming the key id and the field when the document
+    does not follow the schema, names another master key provider than "local",
+    or its key material cannot be unwrapped with ``master_key``.
+    """
+    key_id = _read_key_id(doc)
+    alt_names = _read_alt_names(doc, key_id)
+
+    master_key_doc = doc.get("masterKey")
+    provider = master_key_doc.get("provider") if isinstance(master_key_doc, Mapping) else None
+    if provider != LOCAL_PROVIDER:
+        raise KeyDocumentError(
+            f"key document {key_id}: masterKey.provider {provider!r} is not supported, "
+            f"only {LOCAL_PROVIDER!r}",
+            key_id,
+        )
+
+    wrapped = doc.get("keyMaterial")
+    if not isinstance(wrapped, bytes):
+        raise KeyDocumentError(f"key document {key_id}: keyMaterial is not binary data", key_id)
+    try:
+        material = master_key.unwrap(wrapped)
+    except DecryptionError:
+        raise KeyDocumentError(
+            f"key document {key_id}: keyMaterial cannot be unwrapped with the "
+            "configured master key (wrong master key, or the document was changed)",
+            key_id,
+        ) from None
+
+    return DataKey(key_id, material, alt_names)
+
+
+def _read_key_id(doc: Mapping[str, object]) -> uuid.UUID:
+    key_id = doc.get("_id")
+    if isinstance(key_id, Binary) and key_id.subtype == 4:
+        # Decoded without the STANDARD UUID representation.
+        key_id = key_id.as_uuid()
+    if not isinstance(key_id, uuid.UUID):
+        # The _id's type is named instead of its value, which could be anything.
+        raise KeyDocumentError(
+            f"key document with an _id of type {type(key_id).__name__}: _id is not a UUID"
+        )
+    return key_id
+
+
+def _read_alt_names(doc: Mapping[str, object], key_id: uuid.UUID) -> tuple[str, ...]:
+    alt_names = doc.get("keyAltNames", [])
+    if not isinstance(alt_names, list) or not all(isinstance(n, str) for n in alt_names):
+        raise KeyDocumentError(
+            f"key document {key_id}: keyAltNames is not an array of strings", key_id
+        )
+    return tuple(alt_names)
