@@ -1,0 +1,259 @@
+"""Load a YAML policy file and validate it completely, once, into a `Policy`.
+
+Every rule of the format is checked here, so the rest of the proxy can trust the model.
+Every class that a field or role names is declared. Every role that an identity rule
+or the default role names is defined. No two field paths of a collection overlap.
+The first violation raises a PolicyError that names the file, the key path and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+from .model import CollectionPolicy, FieldRule, IdentityRule, Policy, View
+from .names import (
+    field_path_problem,
+    identifier_problem,
+    namespace_problem,
+    principal_problem,
+)
+from .shape import ShapeChecker, child_path, item_path, listing, show, suggest, yaml_type
+from .yaml_file import read_policy_yaml
+
+TOP_LEVEL_KEYS = ("keys", "classes", "views", "collections", "roles", "identity", "default_role")
+DEFAULT_KEY_VAULT = "encryption.__keyVault"
+DEFAULT_MASK_KEEP_LAST = 4
+ALGORITHMS = ("deterministic", "random")
+DEFAULT_ALGORITHM = "random"
+VIEW_NAMES = tuple(view.value for view in View)
+
+
+def load_policy(path: str | PathLike[str]) -> Policy:
+    """Read and validate the policy file at `path`. Raises PolicyError if it is not valid."""
+    source = Path(path)
+    data = read_policy_yaml(source)
+    return parse_policy(data, source)
+
+
+def parse_policy(data: object, source: Path) -> Policy:
+    """Validate the parsed YAML `data` of the policy file `source` and build the Policy.
+
+    `source` names the file in error messages, and a relative master_key_file is
+    resolved against its folder. Raises PolicyError at the first rule broken.
+    """
+    return _PolicyParser(Path(source)).parse(data)
+
+
+class _PolicyParser(ShapeChecker):
+    """Policy validation with one method per section, each returning that section's model objects."""
+
+    def parse(self, data: object) -> Policy:
+        expected = f"a mapping with the keys {listing(TOP_LEVEL_KEYS)}"
+        if data is None:
+            self.fail(None, f"the policy file is empty; expected {expected}")
+        if not isinstance(data, dict):
+            self.fail(None, f"expected {expected}, found {yaml_type(data)}")
+        top = self.mapping(data, "")
+        self.check_keys(top, "", TOP_LEVEL_KEYS, required=("keys", "classes"))
+
+        master_key_file, key_vault = self.parse_keys(top["keys"])
+        classes = self.parse_classes(top["classes"])
+        keep_last = self.parse_views(top.get("views"))
+        collections = self.parse_collections(top.get("collections"), classes, key_vault)
+        roles = self.parse_roles(top.get("roles"), classes)
+        identity = self.parse_identity(top.get("identity"), roles)
+        default_role = self.parse_default_role(top.get("default_role"), roles)
+
+        return Policy(
+            source=self.source,
+            master_key_file=master_key_file,
+            key_vault=key_vault,
+            classes=classes,
+            collections=collections,
+            roles=roles,
+            identity=identity,
+            default_role=default_role,
+            mask_keep_last=keep_last,
+        )
+
+    def parse_keys(self, value: object) -> tuple[Path, str]:
+        """Return the absolute master key file and the key vault namespace."""
+        keys = self.mapping(value, "keys")
+        self.check_keys(keys, "keys", ("master_key_file", "key_vault"), required=("master_key_file",))
+
+        name = self.string(keys["master_key_file"], "keys.master_key_file")
+        master_key_file = self.source.absolute().parent / Path(name).expanduser()
+
+        key_vault = self.string(keys.get("key_vault", DEFAULT_KEY_VAULT), "keys.key_vault")
+        problem = namespace_problem(key_vault)
+        if problem is not None:
+            self.fail("keys.key_vault", problem)
+        return master_key_file, key_vault
+
+    def parse_classes(self, value: object) -> tuple[str, ...]:
+        items = self.sequence(value, "classes")
+        if not items:
+            self.fail("classes", "the list is empty; declare at least one data class, for example [identity]")
+
+        classes: list[str] = []
+        for index, item in enumerate(items):
+            where = item_path("classes", index)
+            name = self.string(item, where)
+            problem = identifier_problem(name)
+            if problem is not None:
+                self.fail(where, problem)
+            if name in classes:
+                self.fail(where, f"the class {name!r} is declared twice")
+            classes.append(name)
+        return tuple(classes)
+
+    def parse_views(self, value: object) -> int:
+        """Return the number of trailing characters the mask view keeps."""
+        views = self.optional_mapping(value, "views")
+        self.check_keys(views, "views", ("mask",))
+
+        mask = self.optional_mapping(views.get("mask"), "views.mask")
+        self.check_keys(mask, "views.mask", ("keep_last",))
+
+        keep_last = mask.get("keep_last", DEFAULT_MASK_KEEP_LAST)
+        # bool is a subclass of int, but `keep_last: yes` is surely a mistake.
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            self.fail("views.mask.keep_last", f"expected a non-negative integer, found {show(keep_last)}")
+        return keep_last
+
+    def parse_collections(
+        self, value: object, classes: tuple[str, ...], key_vault: str
+    ) -> dict[str, CollectionPolicy]:
+        collections = self.optional_mapping(value, "collections")
+
+        result: dict[str, CollectionPolicy] = {}
+        for namespace, entry in collections.items():
+            where = child_path("collections", namespace)
+            problem = namespace_problem(namespace)
+            if problem is not None:
+                self.fail(where, problem)
+            if namespace == key_vault:
+                self.fail(where, "the key vault collection (keys.key_vault) cannot have protected fields")
+            result[namespace] = self.parse_collection(namespace, entry, classes)
+        return result
+
+    def parse_collection(self, namespace: str, value: object, classes: tuple[str, ...]) -> CollectionPolicy:
+        where = child_path("collections", namespace)
+        entry = self.mapping(value, where)
+        self.check_keys(entry, where, ("fields",), required=("fields",))
+
+        fields_where = child_path(where, "fields")
+        fields = self.mapping(entry["fields"], fields_where)
+        if not fields:
+            self.fail(fields_where, "no fields; list at least one protected field, or remove the collection")
+
+        rules: dict[str, FieldRule] = {}
+        for path, rule_value in fields.items():
+            rules[path] = self.parse_field(fields_where, path, rule_value, classes)
+        self.check_overlaps(fields_where, tuple(rules))
+        return CollectionPolicy(namespace=namespace, fields=rules)
+
+    def parse_field(self, fields_where: str, path: str, value: object, classes: tuple[str, ...]) -> FieldRule:
+        where = child_path(fields_where, path)
+        problem = field_path_problem(path)
+        if problem is not None:
+            self.fail(where, problem)
+
+        rule = self.mapping(value, where)
+        self.check_keys(rule, where, ("class", "algorithm"), required=("class",))
+        class_name = self.choice(rule["class"], child_path(where, "class"), classes, "class")
+        algorithm = self.choice(
+            rule.get("algorithm", DEFAULT_ALGORITHM), child_path(where, "algorithm"), ALGORITHMS, "algorithm"
+        )
+        return FieldRule(path=path, class_name=class_name, deterministic=algorithm == "deterministic")
+
+    def check_overlaps(self, fields_where: str, paths: tuple[str, ...]) -> None:
+        """Raise when a protected path lies inside another, because the outer one is encrypted whole."""
+        for inner in paths:
+            for outer in paths:
+                if inner.startswith(outer + "."):
+                    self.fail(
+                        child_path(fields_where, inner),
+                        f"lies inside the protected field {outer!r}; protect {outer!r} as a whole "
+                        "or only the fields inside it, not both",
+                    )
+
+    def parse_roles(self, value: object, classes: tuple[str, ...]) -> dict[str, dict[str, View]]:
+        roles = self.optional_mapping(value, "roles")
+
+        result: dict[str, dict[str, View]] = {}
+        for role_name, entry in roles.items():
+            where = child_path("roles", role_name)
+            problem = identifier_problem(role_name)
+            if problem is not None:
+                self.fail(where, problem)
+            result[role_name] = self.parse_role(where, entry, classes)
+        return result
+
+    def parse_role(self, where: str, value: object, classes: tuple[str, ...]) -> dict[str, View]:
+        entry = self.mapping(value, where)
+
+        views: dict[str, View] = {}
+        for class_name, view_name in entry.items():
+            class_where = child_path(where, class_name)
+            if class_name not in classes:
+                hint = suggest(class_name, classes)
+                self.fail(
+                    class_where,
+                    f"unknown class {class_name!r}; "
+                    f"classes declared under 'classes': {listing(classes)}{hint}",
+                )
+            views[class_name] = View(self.choice(view_name, class_where, VIEW_NAMES, "view"))
+        return views
+
+    def parse_identity(self, value: object, roles: dict[str, dict[str, View]]) -> tuple[IdentityRule, ...]:
+        items = [] if value is None else self.sequence(value, "identity")
+        return tuple(
+            self.parse_identity_rule(item_path("identity", index), item, roles)
+            for index, item in enumerate(items)
+        )
+
+    def parse_identity_rule(
+        self, where: str, value: object, roles: dict[str, dict[str, View]]
+    ) -> IdentityRule:
+        entry = self.mapping(value, where)
+        self.check_keys(entry, where, ("user", "mongodb_role", "roles"), required=("roles",))
+
+        principals = [key for key in ("user", "mongodb_role") if key in entry]
+        if not principals:
+            self.fail(where, "missing 'user' or 'mongodb_role'; give exactly one, in the form 'name@database'")
+        if len(principals) > 1:
+            self.fail(
+                where,
+                "both 'user' and 'mongodb_role' are given; give exactly one, and add a second entry for the other",
+            )
+        principal_key = principals[0]
+        principal = self.string(entry[principal_key], child_path(where, principal_key))
+        problem = principal_problem(principal)
+        if problem is not None:
+            self.fail(child_path(where, principal_key), problem)
+
+        role_names = self.parse_role_list(child_path(where, "roles"), entry["roles"], roles)
+        return IdentityRule(
+            user=principal if principal_key == "user" else None,
+            mongodb_role=principal if principal_key == "mongodb_role" else None,
+            roles=role_names,
+        )
+
+    def parse_role_list(
+        self, where: str, value: object, roles: dict[str, dict[str, View]]
+    ) -> tuple[str, ...]:
+        items = self.sequence(value, where)
+        if not items:
+            self.fail(where, "the list is empty; name at least one role defined under 'roles'")
+        return tuple(
+            self.choice(item, item_path(where, index), roles, "role")
+            for index, item in enumerate(items)
+        )
+
+    def parse_default_role(self, value: object, roles: dict[str, dict[str, View]]) -> str | None:
+        if value is None:
+            return None
+        return self.choice(value, "default_role", roles, "role")

@@ -1,0 +1,168 @@
+"""The validated policy as plain, immutable data: fields, classes, roles, views and identity rules.
+
+The loader builds these objects once and checks every rule of the policy format, so the
+code here assumes a consistent policy (every class and role it names exists).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class View(StrEnum):
+    """The form in which a client receives the protected values of one data class."""
+
+    CLEAR = "clear"            # the decrypted value
+    MASK = "mask"              # a string with all but the last few characters hidden
+    PSEUDONYM = "pseudonym"    # a stable keyed token, equal for equal values
+    CIPHERTEXT = "ciphertext"  # the BinData subtype 6 value as stored
+    REDACT = "redact"          # the field is removed
+
+
+# Most revealing first. A user with several roles gets, per class, the view that comes
+# first in this order among the views of those roles.
+REVEAL_ORDER: tuple[View, ...] = (
+    View.CLEAR,
+    View.MASK,
+    View.PSEUDONYM,
+    View.CIPHERTEXT,
+    View.REDACT,
+)
+
+
+def most_revealing(views: Iterable[View]) -> View:
+    """Return the view of `views` that reveals the most, or REDACT when `views` is empty."""
+    return min(views, key=REVEAL_ORDER.index, default=View.REDACT)
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """The protection of one field: its dotted path, data class and encryption algorithm.
+
+    `deterministic` is True for deterministic encryption, which allows equality queries
+    on the field, and False for random encryption.
+    """
+
+    path: str
+    class_name: str
+    deterministic: bool
+
+
+@dataclass(frozen=True)
+class CollectionPolicy:
+    """The protected fields of one collection, keyed by dotted path.
+
+    No protected path is a prefix of another, so a path lies inside at most one
+    protected field.
+    """
+
+    namespace: str
+    fields: dict[str, FieldRule]
+
+    @property
+    def protected_paths(self) -> tuple[str, ...]:
+        """The dotted paths of all protected fields, in policy order."""
+        return tuple(self.fields)
+
+    def rule_for(self, path: str) -> FieldRule | None:
+        """Return the rule that protects `path`, or None when `path` is not protected.
+
+        A path inside a protected field is protected by that field's rule: with `name`
+        protected, `rule_for("name.family")` returns the rule for `name`, whose `path`
+        differs from the argument. A path that only contains protected fields (`contact`
+        when `contact.phone` is protected) returns None.
+        """
+        segments = path.split(".")
+        for length in range(1, len(segments) + 1):
+            rule = self.fields.get(".".join(segments[:length]))
+            if rule is not None:
+                return rule
+        return None
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    """One line of the identity mapping: a MongoDB user or role, and the policy roles it gets.
+
+    Exactly one of `user` and `mongodb_role` is set, in the form "name@db" (for example
+    "auditor@admin" or "clinician@clinic"). The name may itself contain "@", so the
+    database is the part after the last "@".
+    """
+
+    user: str | None
+    mongodb_role: str | None
+    roles: tuple[str, ...]
+
+    def matches(self, users: frozenset[str], mongodb_roles: frozenset[str]) -> bool:
+        """Tell whether this rule applies to a connection with these "name@db" users and roles."""
+        if self.user is not None:
+            return self.user in users
+        return self.mongodb_role in mongodb_roles
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole validated policy file.
+
+    `source` is the policy file as given to the loader. `master_key_file` is absolute,
+    resolved against the folder of `source`. `roles` maps each policy role to the views it
+    names, and a class that a role does not name is REDACT for that role. `default_role`
+    is given to connections that no identity rule matches.
+    """
+
+    source: Path
+    master_key_file: Path
+    key_vault: str
+    classes: tuple[str, ...]
+    collections: dict[str, CollectionPolicy]
+    roles: dict[str, dict[str, View]]
+    identity: tuple[IdentityRule, ...]
+    default_role: str | None
+    mask_keep_last: int = 4
+
+    def collection(self, namespace: str) -> CollectionPolicy | None:
+        """Return the policy of the collection "db.coll", or None when it has no protected field."""
+        return self.collections.get(namespace)
+
+    def roles_for(
+        self,
+        users: Iterable[tuple[str, str]],
+        mongodb_roles: Iterable[tuple[str, str]],
+    ) -> frozenset[str]:
+        """Return the policy roles of a connection, from its authenticated users and MongoDB roles.
+
+        `users` and `mongodb_roles` are (name, db) pairs as `connectionStatus` reports
+        them. The result is the union of the roles of every matching identity rule. When
+        no rule matches, it is {default_role}, or empty when default_role is None.
+        """
+        user_names = frozenset(f"{name}@{db}" for name, db in users)
+        role_names = frozenset(f"{name}@{db}" for name, db in mongodb_roles)
+
+        granted: set[str] = set()
+        for rule in self.identity:
+            if rule.matches(user_names, role_names):
+                granted.update(rule.roles)
+
+        if granted:
+            return frozenset(granted)
+        if self.default_role is None:
+            return frozenset()
+        return frozenset({self.default_role})
+
+    def views_for(self, roles: frozenset[str]) -> dict[str, View]:
+        """Return the view of every class of the policy for a connection with these roles.
+
+        Each class gets the most revealing view among the roles. A role that does not name
+        a class contributes REDACT for it, and with no roles every class is REDACT. A role
+        name the policy does not define grants nothing, so a stale role fails closed.
+        """
+        known_roles = [self.roles[name] for name in sorted(roles) if name in self.roles]
+
+        views: dict[str, View] = {}
+        for class_name in self.classes:
+            candidates = [role.get(class_name, View.REDACT) for role in known_roles]
+            views[class_name] = most_revealing(candidates)
+        return views

@@ -1,0 +1,61 @@
+"""A short human-readable summary of a policy, for `mongoveil policy check FILE`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from os import PathLike
+
+from .loader import load_policy
+from .model import CollectionPolicy, Policy, View
+
+
+def check_policy(path: str | PathLike[str]) -> str:
+    """Load and validate the policy file at `path` and return its summary.
+
+    Raises PolicyError when the file is not a valid policy. The master key file is only
+    named, never opened.
+    """
+    return summarize_policy(load_policy(path))
+
+
+def summarize_policy(policy: Policy) -> str:
+    """Describe a policy in a few lines: keys, classes, protected fields, roles and identity."""
+    lines = [
+        f"{policy.source}: valid policy",
+        f"master key file: {policy.master_key_file}",
+        f"key vault: {policy.key_vault}",
+        f"classes: {', '.join(policy.classes)}",
+        f"mask view keeps the last {policy.mask_keep_last} characters",
+    ]
+
+    if not policy.collections:
+        lines.append("collections: none protected")
+    for collection in policy.collections.values():
+        lines.append(_collection_line(collection, policy.classes))
+
+    lines.append("roles:" if policy.roles else "roles: none")
+    for name, views in policy.roles.items():
+        lines.append(f"  {name}: {_views_text(views, policy.classes)}")
+
+    lines.append(f"identity rules: {len(policy.identity)}")
+    default_role = policy.default_role or "none (unmatched connections see every class redacted)"
+    lines.append(f"default role: {default_role}")
+    return "\n".join(lines)
+
+
+def _collection_line(collection: CollectionPolicy, classes: tuple[str, ...]) -> str:
+    """Count the protected fields of one collection per class, and the deterministic ones."""
+    rules = collection.fields.values()
+    per_class = Counter(rule.class_name for rule in rules)
+    deterministic = sum(1 for rule in rules if rule.deterministic)
+
+    counts = ", ".join(f"{name} {per_class[name]}" for name in classes if per_class[name])
+    return (
+        f"collection {collection.namespace}: {len(collection.fields)} protected fields "
+        f"({counts}), {deterministic} deterministic"
+    )
+
+
+def _views_text(views: dict[str, View], classes: tuple[str, ...]) -> str:
+    """Show the view of every class for one role, REDACT where the role names none."""
+    return ", ".join(f"{name}={views.get(name, View.REDACT).value}" for name in classes)
