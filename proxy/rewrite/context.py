@@ -1,0 +1,41 @@
+"""The state of a connection that a rewrite reads: policy, key ring and views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from proxy.policy.model import CollectionPolicy, Policy, View
+
+if TYPE_CHECKING:
+    from proxy.crypto.keyring import KeyRing
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One protected namespace ("db.coll") with its policy and the key ring to encrypt with."""
+
+    namespace: str
+    collection: CollectionPolicy
+    keys: KeyRing
+
+
+@dataclass(frozen=True)
+class RewriteContext:
+    """The state a rewrite reads for one connection.
+
+    `views` maps every data class of the policy to the view this connection gets, as
+    `Policy.views_for` returns it. The rewrite functions read the context and never
+    change it. They may load nothing: a missing key raises KeyNotLoaded to the caller.
+    """
+
+    policy: Policy
+    keys: KeyRing
+    views: dict[str, View]
+
+    def scope(self, namespace: str) -> Scope | None:
+        """Return the scope of `namespace`, or None when the policy protects nothing there."""
+        collection = self.policy.collection(namespace)
+        if collection is None:
+            return None
+        return Scope(namespace, collection, self.keys)

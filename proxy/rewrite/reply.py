@@ -1,0 +1,135 @@
+"""Reveal the encrypted values of a reply according to the views of the connection.
+
+Visibility follows the data key, not the field path: every ciphertext names its key, the
+key names its class, and the class has a view. So a value is revealed correctly wherever
+it appears, also after an aggregation renamed or copied the field.
+
+The walk visits every value of the reply, which can hold up to 16 MB of documents, so it
+tests each value's exact type once, skips scalars at once, and changes the decoded
+reply in place instead of copying it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from bson import Binary
+
+from proxy.crypto.cipher import ciphertext_key_id
+from proxy.crypto.errors import DecryptionError, KeyNotFound
+from proxy.policy.model import View
+
+from .context import RewriteContext
+from .values import ENCRYPTED_SUBTYPE
+from .views import mask_value
+
+# Marks a list element to remove, because None is a legitimate value of an element.
+_REMOVE = object()
+
+
+def reveal_reply(body: dict, ctx: RewriteContext) -> dict:
+    """Replace every encrypted value in `body`, at any depth, by its view, and return `body`.
+
+    clear gives the plaintext, mask a masked string, pseudonym the key ring's token of the
+    plaintext, ciphertext the value unchanged, and redact removes the field (or the list
+    element). A ciphertext is left unchanged when its payload is not FLE1, its key has no
+    class of this policy, its key was not found in the key vault, or it fails to decrypt.
+    Raises KeyNotLoaded(key_id=...) for a key the ring has never seen: the caller loads it
+    and calls again with a fresh decode, because `body` may be partly changed already.
+    """
+    _Revealer(ctx).reveal_document(body)
+    return body
+
+
+class _Revealer:
+    """The walk over one reply, with the view of each key looked up once."""
+
+    def __init__(self, ctx: RewriteContext) -> None:
+        self._ctx = ctx
+        self._keep_last = ctx.policy.mask_keep_last
+        # key id -> (class name, view); a view of None leaves the ciphertext unchanged.
+        self._views: dict[uuid.UUID, tuple[str | None, View | None]] = {}
+
+    def reveal_document(self, document: dict) -> None:
+        removed: list[str] = []
+        for key, value in document.items():
+            kind = type(value)
+            if kind is dict:
+                self.reveal_document(value)
+            elif kind is list:
+                self.reveal_list(value)
+            elif kind is Binary and value.subtype == ENCRYPTED_SUBTYPE:
+                revealed = self._reveal_value(value)
+                if revealed is _REMOVE:
+                    removed.append(key)
+                elif revealed is not value:
+                    # Replacing the value of an existing key is safe while iterating.
+                    document[key] = revealed
+
+        for key in removed:
+            del document[key]
+
+    def reveal_list(self, items: list) -> None:
+        removed = False
+        for index, value in enumerate(items):
+            kind = type(value)
+            if kind is dict:
+                self.reveal_document(value)
+            elif kind is list:
+                self.reveal_list(value)
+            elif kind is Binary and value.subtype == ENCRYPTED_SUBTYPE:
+                revealed = self._reveal_value(value)
+                removed = removed or revealed is _REMOVE
+                items[index] = revealed
+
+        if removed:
+            items[:] = [item for item in items if item is not _REMOVE]
+
+    def _reveal_value(self, ciphertext: Binary) -> object:
+        key_id = ciphertext_key_id(ciphertext)
+        if key_id is None:
+            return ciphertext
+        class_name, view = self._view_for(key_id, ciphertext)
+        if view is None or view is View.CIPHERTEXT:
+            return ciphertext
+        if view is View.REDACT:
+            return _REMOVE
+
+        try:
+            _, plaintext = self._ctx.keys.decrypt(ciphertext)
+        except (DecryptionError, KeyNotFound):
+            return ciphertext
+        return self._render(view, plaintext, class_name)
+
+    def _render(self, view: View, plaintext: object, class_name: str | None) -> object:
+        if view is View.CLEAR:
+            return plaintext
+        if view is View.MASK:
+            return mask_value(plaintext, self._keep_last)
+        if view is View.PSEUDONYM and class_name is not None:
+            return self._ctx.keys.pseudonym(plaintext, class_name)
+        raise AssertionError(f"view {view!r} of class {class_name!r} has no rendering")
+
+    def _view_for(self, key_id: uuid.UUID, ciphertext: Binary) -> tuple[str | None, View | None]:
+        cached = self._views.get(key_id)
+        if cached is not None:
+            return cached
+
+        class_name = self._class_of(key_id, ciphertext)
+        view = self._ctx.views.get(class_name) if class_name is not None else None
+        self._views[key_id] = (class_name, view)
+        return class_name, view
+
+    def _class_of(self, key_id: uuid.UUID, ciphertext: Binary) -> str | None:
+        key = self._ctx.keys.get(key_id)
+        if key is not None:
+            return key.class_name
+
+        # The ring has no such key. Decrypting distinguishes the two cases: KeyNotLoaded
+        # (never seen, propagated so the caller loads it) or KeyNotFound (not in the
+        # key vault, so the value stays ciphertext).
+        try:
+            class_name, _ = self._ctx.keys.decrypt(ciphertext)
+        except (KeyNotFound, DecryptionError):
+            return None
+        return class_name

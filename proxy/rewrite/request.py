@@ -1,0 +1,99 @@
+"""Turn a command from a client into the command to send to the server.
+
+Only the commands listed in `REQUEST_HANDLERS` are rewritten, and only on a namespace
+that the policy protects. Every other command passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from proxy.wire.op_msg import DocumentSequence
+
+from .commands import (
+    rewrite_aggregate,
+    rewrite_count,
+    rewrite_delete,
+    rewrite_distinct,
+    rewrite_find,
+    rewrite_find_and_modify,
+    rewrite_insert,
+    rewrite_update_command,
+)
+from .context import RewriteContext, Scope
+
+Handler = Callable[[dict, list[DocumentSequence], Scope], None]
+
+# Command names compare case-sensitively, as the server does, except that the server
+# also accepts the older spelling "findandmodify".
+REQUEST_HANDLERS: dict[str, Handler] = {
+    "insert": rewrite_insert,
+    "update": rewrite_update_command,
+    "delete": rewrite_delete,
+    "find": rewrite_find,
+    "count": rewrite_count,
+    "distinct": rewrite_distinct,
+    "findAndModify": rewrite_find_and_modify,
+    "findandmodify": rewrite_find_and_modify,
+    "aggregate": rewrite_aggregate,
+}
+
+# Commands whose request wraps another command, which is rewritten in place.
+WRAPPER_COMMANDS = frozenset({"explain"})
+
+# Commands whose request passes through but whose reply carries documents to reveal.
+REPLY_ONLY_COMMANDS = frozenset({"getMore"})
+
+
+def needs_rewrite(command_name: str) -> bool:
+    """Tell whether a command with this name must be decoded to rewrite its request or reply."""
+    return (
+        command_name in REQUEST_HANDLERS
+        or command_name in WRAPPER_COMMANDS
+        or command_name in REPLY_ONLY_COMMANDS
+    )
+
+
+def rewrite_request(
+    body: dict, sequences: list[DocumentSequence], ctx: RewriteContext
+) -> tuple[dict, list[DocumentSequence]]:
+    """Return the command to send in place of the client's command (`body`, `sequences`).
+
+    The namespace is `$db` and the collection named by the command's first element. The
+    body and sequences are changed in place and returned. Raises CommandError to reject
+    the command, and KeyNotLoaded(class_name=...) when a class key is missing from the key
+    ring: the caller then loads the key and calls again with a fresh decode of the frame,
+    because this call may have changed part of the command already.
+    """
+    if not body:
+        return body, sequences
+
+    name = next(iter(body))
+    if name in WRAPPER_COMMANDS:
+        _rewrite_wrapped(body, name, ctx)
+        return body, sequences
+
+    _rewrite_command(body, sequences, name, body.get("$db"), ctx)
+    return body, sequences
+
+
+def _rewrite_wrapped(body: dict, name: str, ctx: RewriteContext) -> None:
+    # explain sends {explain: {find: "coll", filter: ...}, $db: "db"}: the inner command
+    # has no $db of its own and uses the outer one.
+    inner = body[name]
+    if type(inner) is not dict or not inner:
+        return
+    _rewrite_command(inner, [], next(iter(inner)), body.get("$db"), ctx)
+
+
+def _rewrite_command(
+    body: dict, sequences: list[DocumentSequence], name: str, database: object, ctx: RewriteContext
+) -> None:
+    handler = REQUEST_HANDLERS.get(name)
+    collection = body[name]
+    if handler is None or type(database) is not str or type(collection) is not str:
+        return
+
+    scope = ctx.scope(f"{database}.{collection}")
+    if scope is not None:
+        handler(body, sequences, scope)
