@@ -1,0 +1,127 @@
+"""The `mongoveil` command: serve, keys, policy check and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mongoveil")
+
+DEFAULT_LISTEN = "127.0.0.1:27117"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mongoveil",
+        description="A MongoDB wire-protocol proxy that encrypts configured fields "
+                    "and reveals them by role.",
+    )
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="minimum level of log lines written to stderr (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--listen", type=_host_port, default=DEFAULT_LISTEN,
+                       help=f"HOST:PORT to accept MongoDB clients on (default: {DEFAULT_LISTEN})")
+    serve.add_argument("--upstream", required=True,
+                       help="MongoDB connection string of the server; its credentials are "
+                            "the proxy's own account for the key vault")
+    serve.add_argument("--policy", required=True, type=Path, help="policy YAML file")
+    serve.add_argument("--advertise", default=None,
+                       help="HOST:PORT that `hello` replies name as the server (default: the "
+                            "address each client connected to)")
+
+    keys = commands.add_parser("keys", help="manage the master key and data keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    init = key_commands.add_parser(
+        "init", help="create the master-key file if missing and the data key of every class")
+    init.add_argument("--policy", required=True, type=Path, help="policy YAML file")
+    init.add_argument("--upstream", required=True,
+                      help="MongoDB connection string with access to the key vault")
+
+    policy = commands.add_parser("policy", help="work with policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy file and summarize it")
+    check.add_argument("file", type=Path, help="policy YAML file")
+
+    demo = commands.add_parser("demo", help="run the healthcare demo (needs the dev extras)")
+    demo.add_argument("--port", type=int, default=27117,
+                      help="port of the proxy on 127.0.0.1 (default: 27117)")
+    demo.add_argument("--workdir", type=Path, default=Path("run"),
+                      help="folder for the demo's server data, keys and logs (default: ./run)")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="stop after printing the views instead of serving until Ctrl-C")
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from proxy.server.app import ServeConfig, serve
+
+    config = ServeConfig(
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        upstream_uri=args.upstream,
+        policy_path=args.policy,
+        advertise=args.advertise,
+    )
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _run_keys_init(args: argparse.Namespace) -> int:
+    from proxy.keys_init import init_keys
+
+    for line in asyncio.run(init_keys(args.policy, args.upstream)):
+        print(line)
+    return 0
+
+
+def _run_policy_check(args: argparse.Namespace) -> int:
+    from proxy.policy import check_policy
+
+    print(check_policy(args.file))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from proxy.demo.run import run_demo
+
+    return run_demo(port=args.port, workdir=args.workdir, wait=not args.no_wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.policy import PolicyError
+
+    handlers = {
+        "serve": _run_serve,
+        "keys": _run_keys_init,
+        "policy": _run_policy_check,
+        "demo": _run_demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except (PolicyError, ValueError, FileNotFoundError) as error:
+        print(f"mongoveil: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The proxy process: the listener, the key vault client and the client sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from bson.codec_options import CodecOptions
+from bson.binary import UuidRepresentation
+from pymongo import AsyncMongoClient
+
+from proxy.crypto.key_vault import KeyVault
+from proxy.crypto.keyring import KeyRing
+from proxy.crypto.master_key import load_local_master_key
+from proxy.policy import Policy, load_policy
+from proxy.server.upstream import UpstreamAddress, parse_upstream
+from proxy.session.connection import ClientSession, ProxyState
+from proxy.session.keys import KeyService
+
+log = logging.getLogger(__name__)
+
+KEY_VAULT_TIMEOUT_MS = 5000
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The options of `mongoveil serve`."""
+
+    listen_host: str
+    listen_port: int
+    upstream_uri: str
+    policy_path: Path
+    advertise: str | None = None     # host:port given to clients in `hello`; default: the address they dialled
+
+
+def open_key_vault(policy: Policy, upstream_uri: str) -> tuple[AsyncMongoClient, KeyVault]:
+    """Connect the proxy's own client to the key vault named by the policy.
+
+    The credentials in `upstream_uri` are the proxy's service account; client
+    connections authenticate on their own and never use them.
+    """
+    master_key = load_local_master_key(policy.master_key_file)
+    client = AsyncMongoClient(
+        upstream_uri,
+        serverSelectionTimeoutMS=KEY_VAULT_TIMEOUT_MS,
+        uuidRepresentation="standard",
+        appname="mongoveil-key-vault",
+    )
+    database, collection = policy.key_vault.split(".", 1)
+    codec = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
+    vault = KeyVault(client[database].get_collection(collection, codec_options=codec), master_key)
+    return client, vault
+
+
+class ProxyServer:
+    """Accept client connections and pump each one to its own upstream connection."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.policy = load_policy(config.policy_path)
+        self.upstream: UpstreamAddress = parse_upstream(config.upstream_uri)
+        self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri)
+        self.keys = KeyService(vault, KeyRing())
+        self._server: asyncio.base_events.Server | None = None
+        self._sessions: set[asyncio.Task] = set()
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to (useful when 0 was requested)."""
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        """Load the data keys that exist and start listening."""
+        await self._preload_keys()
+        self._server = await asyncio.start_server(
+            self._accept, self.config.listen_host, self.config.listen_port
+        )
+        log.info("mongoveil listening on %s:%d, upstream %s:%d, policy %s",
+                 self.config.listen_host, self.port, self.upstream.host, self.upstream.port,
+                 self.config.policy_path)
+
+    async def _preload_keys(self) -> None:
+        try:
+            await self.keys.vault.ensure_indexes()
+            count = await self.keys.preload()
+            log.info("loaded %d data keys from the key vault %s", count, self.policy.key_vault)
+        except Exception as error:  # the proxy still serves; keys load on first use
+            log.warning("cannot read the key vault %s at start-up (%s); data keys will be "
+                        "loaded on first use", self.policy.key_vault, type(error).__name__)
+
+    async def serve_forever(self) -> None:
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Stop accepting, close every client connection, and release the key vault client."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await self._mongo_client.close()
+        log.info("mongoveil stopped")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state = ProxyState(
+            policy=self.policy,
+            keys=self.keys,
+            upstream_host=self.upstream.host,
+            upstream_port=self.upstream.port,
+            advertised_address=self.config.advertise or _dialled_address(writer),
+        )
+        session = ClientSession(state, reader, writer)
+        task = asyncio.current_task()
+        self._sessions.add(task)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(task)
+
+
+def _dialled_address(writer: asyncio.StreamWriter) -> str:
+    """Return the local host:port the client connected to."""
+    host, port = writer.get_extra_info("sockname")[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run the proxy until cancelled."""
+    server = ProxyServer(config)
+    await server.start()
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()

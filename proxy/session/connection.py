@@ -1,0 +1,430 @@
+"""One client connection and its upstream connection: the pump between them.
+
+Theory of operation
+-------------------
+A MongoDB connection carries one request at a time: the client sends a
+frame and waits for the reply before it sends the next one. The two
+exceptions are a request with `moreToCome` set (a fire-and-forget write,
+which gets no reply) and a reply with `moreToCome` set (an exhaust cursor or
+a streaming `hello`, followed by more replies to the same request). The pump
+therefore handles one request at a time, in order:
+
+1. Read one frame from the client, bounded by `maxMessageSizeBytes`.
+2. Peek at the OP_MSG body without decoding it: the command name, the
+   collection and `$db`. Most frames need nothing more and go upstream as the
+   same bytes (the fast path).
+3. Handshakes, authentication steps and commands on a protected namespace
+   are decoded; the rewrite layer turns them into the command to send or an
+   error reply, which goes back to the client at once.
+4. Replies are read until one arrives without `moreToCome`. Replies to
+   forwarded frames go back as the same bytes; replies to rewritten commands
+   are decoded and each encrypted value is shown in the view of the
+   connection's roles.
+5. When an authentication step succeeds, the pump asks the server
+   `connectionStatus` on the same upstream connection and maps the answer to
+   policy roles, before the client can send its next request.
+
+A malformed frame from either side closes this connection pair after a log
+line; other connections are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+from proxy.crypto.errors import KeyNotLoaded
+from proxy.policy import Policy
+from proxy.rewrite import CommandError, RewriteContext, needs_rewrite, reveal_reply, rewrite_request
+from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
+from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply, strip_compression
+from proxy.session.identity import (
+    AUTH_COMMANDS,
+    CONNECTION_STATUS_COMMAND,
+    Identity,
+    auth_finished,
+    parse_connection_status,
+)
+from proxy.session.keys import KeyService
+from proxy.wire import (
+    CODEC_OPTIONS,
+    MORE_TO_COME,
+    FrameReader,
+    OpCode,
+    OpMsg,
+    ProtocolError,
+    encode_op_msg,
+    encode_op_msg_reply,
+    encode_op_query,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    encode_op_reply,
+    parse_header,
+    parse_op_msg,
+    parse_op_query,
+    parse_op_reply,
+    peek_op_msg,
+)
+
+log = logging.getLogger(__name__)
+
+# OP_REPLY responseFlags bit 1: the query failed and the document is an error.
+_QUERY_FAILURE = 1 << 1
+
+# Request ids the proxy uses for its own commands on a client's upstream
+# connection. They start high so they never collide with the client's.
+_PROXY_REQUEST_IDS = itertools.count(0x7F00_0000)
+
+_connection_ids = itertools.count(1)
+
+
+class ConnectionClosed(Exception):
+    """The peer closed its side of the connection."""
+
+
+@dataclass
+class ProxyState:
+    """What every connection of one proxy process shares."""
+
+    policy: Policy
+    keys: KeyService
+    upstream_host: str
+    upstream_port: int
+    advertised_address: str
+
+
+@dataclass
+class _Plan:
+    """How the replies to one request are treated."""
+
+    command_name: str = ""
+    reveal: bool = False         # decrypt and apply views
+    handshake: bool = False      # rewrite the member list of a hello reply
+    auth: bool = False           # refresh the identity after success
+    guard: bool = False          # check for a protected namespace elsewhere in the body
+
+
+class ClientSession:
+    """Pump frames between one client and its own upstream connection."""
+
+    def __init__(self, state: ProxyState, client_reader: asyncio.StreamReader,
+                 client_writer: asyncio.StreamWriter) -> None:
+        self.state = state
+        self.id = next(_connection_ids)
+        self.peer = _format_peer(client_writer.get_extra_info("peername"))
+        self.client_reader = client_reader
+        self.client_writer = client_writer
+        self.client_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
+        self.upstream_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
+        self.upstream_reader: asyncio.StreamReader | None = None
+        self.upstream_writer: asyncio.StreamWriter | None = None
+        self.identity = Identity(policy_roles=self._default_roles())
+        self.context = self._new_context()
+
+    # -- life cycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until either side closes or sends something invalid."""
+        log.info("conn %d from %s: opened", self.id, self.peer)
+        try:
+            await self._connect_upstream()
+            while True:
+                frame = await self._read_frame(self.client_reader, self.client_frames)
+                await self._handle_request(frame)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as error:
+            log.warning("conn %d from %s: closing after invalid frame: %s", self.id, self.peer, error)
+        except (ConnectionError, OSError) as error:
+            log.warning("conn %d from %s: connection error: %s", self.id, self.peer, error)
+        finally:
+            await self._close()
+            log.info("conn %d from %s: closed", self.id, self.peer)
+
+    async def _connect_upstream(self) -> None:
+        try:
+            self.upstream_reader, self.upstream_writer = await asyncio.open_connection(
+                self.state.upstream_host, self.state.upstream_port
+            )
+        except OSError as error:
+            log.error("conn %d from %s: cannot connect upstream to %s:%d: %s", self.id, self.peer,
+                      self.state.upstream_host, self.state.upstream_port, error)
+            raise ConnectionClosed from error
+
+    async def _close(self) -> None:
+        for writer in (self.client_writer, self.upstream_writer):
+            if writer is None:
+                continue
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _read_frame(self, reader: asyncio.StreamReader, frames: FrameReader) -> bytes:
+        while True:
+            frame = frames.next_frame()
+            if frame is not None:
+                return frame
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionClosed
+            frames.feed(data)
+
+    # -- requests ---------------------------------------------------------
+
+    async def _handle_request(self, frame: bytes) -> None:
+        header = parse_header(frame)
+        if header.op_code == OpCode.MSG:
+            await self._handle_op_msg(frame)
+        elif header.op_code == OpCode.QUERY:
+            await self._handle_op_query(frame)
+        else:
+            raise ProtocolError(
+                f"opcode {header.op_code} is not supported through the proxy; "
+                "use OP_MSG (MongoDB 3.6 and later drivers)"
+            )
+
+    async def _handle_op_msg(self, frame: bytes) -> None:
+        peek = peek_op_msg(frame)
+        plan = self._plan_for(peek.name, peek.database, peek.collection)
+
+        if plan is None:
+            await self._send_upstream(frame)
+        else:
+            frame = await self._prepare_op_msg(frame, plan)
+            if frame is None:
+                return
+            await self._send_upstream(frame)
+
+        if peek.flag_bits & MORE_TO_COME:
+            return      # fire-and-forget: the server sends no reply
+        await self._relay_replies(plan)
+
+    def _plan_for(self, name: str, database: str | None, collection: str | None) -> _Plan | None:
+        """Decide whether a command needs decoding; None means forward the same bytes."""
+        if name in HANDSHAKE_COMMANDS:
+            return _Plan(command_name=name, handshake=True, auth=True)
+        if name in AUTH_COMMANDS:
+            return _Plan(command_name=name, auth=True)
+        protected = bool(database and collection
+                         and self.state.policy.collection(f"{database}.{collection}"))
+        if protected and needs_rewrite(name):
+            return _Plan(command_name=name, reveal=True)
+        if name in GUARDED_COMMANDS and not protected:
+            return _Plan(command_name=name, guard=True)
+        return None
+
+    async def _prepare_op_msg(self, frame: bytes, plan: _Plan) -> bytes | None:
+        """Return the frame to send upstream, or None after replying to the client directly."""
+        header = parse_header(frame)
+        message = parse_op_msg(frame)
+
+        if plan.handshake:
+            if not strip_compression(message.body):
+                return frame
+            return encode_op_msg(message, header.request_id, header.response_to)
+
+        if plan.command_name == "explain":
+            # An explained command on a protected collection is rewritten like
+            # the command itself, so the server never sees its filter in clear.
+            namespace = explained_namespace(message.body)
+            plan.reveal = bool(namespace and self.state.policy.collection(namespace))
+        elif plan.guard:
+            return await self._check_guarded(frame, message, plan.command_name)
+
+        if not plan.reveal:
+            return frame
+
+        try:
+            message = await self._rewrite_with_keys(frame)
+        except CommandError as error:
+            log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
+            await self._reply_to_client(header.request_id, error.to_reply())
+            return None
+        return encode_op_msg(message, header.request_id, header.response_to)
+
+    async def _rewrite_with_keys(self, frame: bytes) -> OpMsg:
+        """Rewrite a command, loading the data keys it needs; raises CommandError to reject."""
+        while True:
+            # Decode afresh on every attempt: a failed attempt may have changed the documents.
+            message = parse_op_msg(frame)
+            try:
+                body, sequences = rewrite_request(message.body, message.sequences, self.context)
+                return OpMsg(message.flag_bits, body, sequences)
+            except KeyNotLoaded as missing:
+                await self._load_class_key(missing.class_name)
+
+    async def _load_class_key(self, class_name: str | None) -> None:
+        try:
+            await self.state.keys.ensure_class_key(class_name)
+        except Exception as error:      # any key-vault failure: reject, never write in clear
+            log.error("conn %d from %s: cannot load the data key of class %s: %s",
+                      self.id, self.peer, class_name, type(error).__name__)
+            raise CommandError(
+                6, "HostUnreachable",
+                f"mongoveil could not load the data key of class {class_name!r} from the key "
+                "vault, so the protected fields cannot be encrypted; retry when the key vault "
+                "is reachable",
+            ) from error
+
+    async def _check_guarded(self, frame: bytes, message: OpMsg, name: str) -> bytes | None:
+        sequences = {sequence.identifier: sequence.documents for sequence in message.sequences}
+        error = check_guarded_command(name, message.body, sequences, self.state.policy)
+        if error is None:
+            return frame
+
+        log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, name, error)
+        await self._reply_to_client(parse_header(frame).request_id, error.to_reply())
+        return None
+
+    async def _handle_op_query(self, frame: bytes) -> None:
+        """Serve the legacy OP_QUERY handshake; reject every other OP_QUERY."""
+        header = parse_header(frame)
+        query = parse_op_query(frame)
+        command_name = next(iter(query.query), "")
+        is_command = query.full_collection_name.endswith(".$cmd")
+
+        if not (is_command and command_name in HANDSHAKE_COMMANDS):
+            await self._send_to_client(encode_op_reply(
+                [CommandError(
+                    352, "UnsupportedOpQueryCommand",
+                    f"OP_QUERY is only accepted for the handshake, not for {command_name!r} "
+                    f"on {query.full_collection_name}; use a driver that speaks OP_MSG",
+                ).to_reply()],
+                response_to=header.request_id, request_id=next(_PROXY_REQUEST_IDS),
+                flags=_QUERY_FAILURE,
+            ))
+            return
+
+        if strip_compression(query.query):
+            frame = encode_op_query(query, header.request_id, header.response_to)
+        await self._send_upstream(frame)
+
+        reply_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        reply_header = parse_header(reply_frame)
+        reply = parse_op_reply(reply_frame)
+        if reply.documents:
+            self._note_limits(reply.documents[0])
+            rewrite_hello_reply(reply.documents[0], self.state.advertised_address)
+        await self._send_to_client(encode_op_reply(
+            reply.documents, response_to=reply_header.response_to,
+            request_id=reply_header.request_id, cursor_id=reply.cursor_id,
+            flags=reply.response_flags, starting_from=reply.starting_from,
+        ))
+
+    # -- replies ----------------------------------------------------------
+
+    async def _relay_replies(self, plan: _Plan | None) -> None:
+        """Relay replies until one arrives without `moreToCome`."""
+        while True:
+            frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            header = parse_header(frame)
+            if header.op_code != OpCode.MSG:
+                raise ProtocolError(f"upstream sent opcode {header.op_code} in reply to OP_MSG")
+
+            more_to_come = peek_op_msg(frame).flag_bits & MORE_TO_COME
+            if plan is None:
+                await self._send_to_client(frame)
+            else:
+                await self._send_to_client(await self._rewrite_reply(frame, plan))
+
+            if not more_to_come:
+                return
+
+    async def _rewrite_reply(self, frame: bytes, plan: _Plan) -> bytes:
+        header = parse_header(frame)
+        if plan.handshake:
+            message = parse_op_msg(frame)
+            self._note_limits(message.body)
+            rewrite_hello_reply(message.body, self.state.advertised_address)
+            if plan.auth and auth_finished(plan.command_name, message.body):
+                await self._refresh_identity()
+            return encode_op_msg(message, header.request_id, header.response_to)
+
+        if plan.auth:
+            message = parse_op_msg(frame)
+            if auth_finished(plan.command_name, message.body):
+                await self._refresh_identity()
+            return frame
+
+        if plan.reveal:
+            return await self._reveal(frame)
+        return frame
+
+    async def _reveal(self, frame: bytes) -> bytes:
+        """Apply the views to every encrypted value of a reply, loading keys on demand."""
+        header = parse_header(frame)
+        while True:
+            message = parse_op_msg(frame)
+            try:
+                body = reveal_reply(message.body, self.context)
+                return encode_op_msg(OpMsg(message.flag_bits, body, message.sequences),
+                                     header.request_id, header.response_to)
+            except KeyNotLoaded as missing:
+                try:
+                    await self.state.keys.ensure_key(missing.key_id)
+                except Exception as error:  # key vault down: fail closed, return ciphertext
+                    log.error("conn %d from %s: cannot load data key %s; returning ciphertext: %s",
+                              self.id, self.peer, missing.key_id, type(error).__name__)
+                    return frame
+
+    def _note_limits(self, hello_reply: dict) -> None:
+        """Adopt the server's message size limit for both directions."""
+        limit = hello_reply.get("maxMessageSizeBytes")
+        if isinstance(limit, int) and limit > 0:
+            self.client_frames.max_message_size = limit
+            self.upstream_frames.max_message_size = limit
+
+    # -- identity ---------------------------------------------------------
+
+    async def _refresh_identity(self) -> None:
+        """Ask the server who this connection is now and recompute the views."""
+        request_id = next(_PROXY_REQUEST_IDS)
+        await self._send_upstream(encode_op_msg(OpMsg(0, dict(CONNECTION_STATUS_COMMAND), []),
+                                                request_id, 0))
+        frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        reply = parse_op_msg(frame).body
+
+        try:
+            users, roles = parse_connection_status(reply)
+        except ValueError as error:
+            # Without a confirmed identity the connection keeps the default views.
+            log.error("conn %d from %s: %s; keeping the default role", self.id, self.peer, error)
+            users, roles = (), ()
+
+        policy_roles = self.state.policy.roles_for(users, roles) if users else self._default_roles()
+        self.identity = Identity(users, roles, policy_roles)
+        self.context = self._new_context()
+        log.info("conn %d from %s: authenticated as %s, policy roles %s", self.id, self.peer,
+                 self.identity.describe(), sorted(policy_roles) or "none")
+
+    def _default_roles(self) -> frozenset[str]:
+        default = self.state.policy.default_role
+        return frozenset({default}) if default else frozenset()
+
+    def _new_context(self) -> RewriteContext:
+        views = self.state.policy.views_for(self.identity.policy_roles)
+        return RewriteContext(self.state.policy, self.state.keys.ring, views)
+
+    # -- output -----------------------------------------------------------
+
+    async def _send_upstream(self, frame: bytes) -> None:
+        self.upstream_writer.write(frame)
+        await self.upstream_writer.drain()
+
+    async def _send_to_client(self, frame: bytes) -> None:
+        self.client_writer.write(frame)
+        await self.client_writer.drain()
+
+    async def _reply_to_client(self, response_to: int, body: dict) -> None:
+        await self._send_to_client(encode_op_msg_reply(body, response_to=response_to,
+                                                       request_id=next(_PROXY_REQUEST_IDS)))
+
+
+def _format_peer(peername: object) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return str(peername)
+

@@ -1,0 +1,106 @@
+"""Commands outside a protected collection that could still reach one.
+
+A command is routed by the collection its first element names. These
+commands name another collection somewhere else in their body, so the
+session decodes them and rejects those that reach a protected namespace in
+a way the proxy cannot rewrite yet. Rejecting keeps plaintext out of
+protected fields.
+"""
+
+from __future__ import annotations
+
+from proxy.policy import Policy
+from proxy.rewrite import CommandError
+
+GUARDED_COMMANDS = frozenset({"explain", "bulkWrite", "aggregate", "renameCollection"})
+
+# `explain` is guarded differently: the session rewrites it when it wraps a
+# command on a protected collection (see explained_namespace).
+
+
+def _rejection(message: str) -> CommandError:
+    return CommandError(2, "BadValue", message)
+
+
+def explained_namespace(body: dict) -> str | None:
+    """Return the namespace of the command inside an `explain`, if it names a collection."""
+    inner = body.get("explain")
+    if not isinstance(inner, dict) or not inner:
+        return None
+
+    collection = next(iter(inner.values()))
+    if not isinstance(collection, str):
+        return None
+    return f"{body.get('$db')}.{collection}"
+
+
+def _bulk_write(body: dict, sequences: dict[str, list[dict]], policy: Policy) -> CommandError | None:
+    # TODO: rewrite each operation for its own namespace instead of rejecting.
+    entries = list(body.get("nsInfo", [])) + sequences.get("nsInfo", [])
+    for entry in entries:
+        namespace = entry.get("ns") if isinstance(entry, dict) else None
+        if isinstance(namespace, str) and policy.collection(namespace):
+            return _rejection(
+                f"bulkWrite is not supported on the protected collection {namespace} yet; "
+                "use the insert, update and delete commands for it (insert_many, update_many, "
+                "delete_many)"
+            )
+    return None
+
+
+def _output_namespace(stage: dict, database: str) -> str | None:
+    """Return the namespace an `$out` or `$merge` stage writes to, if it is one."""
+    for name in ("$out", "$merge"):
+        if name not in stage:
+            continue
+        target = stage[name]
+        if isinstance(target, str):
+            return f"{database}.{target}"
+        if isinstance(target, dict):
+            into = target.get("into", target.get("coll"))
+            target_db = target.get("db", database)
+            if isinstance(into, dict):
+                target_db, into = into.get("db", database), into.get("coll")
+            return f"{target_db}.{into}"
+    return None
+
+
+def _aggregate(body: dict, policy: Policy) -> CommandError | None:
+    # The source is unprotected here (commands on protected collections are
+    # rewritten elsewhere), so its documents are plaintext.
+    database = body.get("$db")
+    for stage in body.get("pipeline", []) or []:
+        if not isinstance(stage, dict):
+            continue
+        namespace = _output_namespace(stage, database)
+        if namespace and policy.collection(namespace):
+            return _rejection(
+                f"$out and $merge into the protected collection {namespace} are rejected, "
+                "because the documents would be stored without encryption; insert them "
+                "through the proxy instead"
+            )
+    return None
+
+
+def _rename(body: dict, policy: Policy) -> CommandError | None:
+    target = body.get("to")
+    if isinstance(target, str) and policy.collection(target):
+        source = body.get("renameCollection")
+        if not policy.collection(source if isinstance(source, str) else ""):
+            return _rejection(
+                f"renameCollection into the protected namespace {target} is rejected, because "
+                "the source collection is not encrypted; copy the documents through the proxy"
+            )
+    return None
+
+
+def check_guarded_command(name: str, body: dict, sequences: dict[str, list[dict]],
+                          policy: Policy) -> CommandError | None:
+    """Return the error for a guarded command that reaches a protected namespace, else None."""
+    if name == "bulkWrite":
+        return _bulk_write(body, sequences, policy)
+    if name == "aggregate":
+        return _aggregate(body, policy)
+    if name == "renameCollection":
+        return _rename(body, policy)
+    return None
