@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import traceback
 from dataclasses import dataclass
 
 from proxy.crypto.errors import KeyNotLoaded
@@ -138,6 +139,13 @@ class ClientSession:
             log.warning("conn %d from %s: closing after invalid frame: %s", self.id, self.peer, error)
         except (ConnectionError, OSError) as error:
             log.warning("conn %d from %s: connection error: %s", self.id, self.peer, error)
+        except Exception as error:
+            # A bug must cost this connection only. Nothing half-rewritten was
+            # forwarded: frames go upstream only after their rewrite finished.
+            # The exception's message is left out because it could quote a value.
+            log.error("conn %d from %s: internal error %s; closing the connection\n%s",
+                      self.id, self.peer, type(error).__name__,
+                      "".join(traceback.format_tb(error.__traceback__)))
         finally:
             await self._close()
             log.info("conn %d from %s: closed", self.id, self.peer)
@@ -308,6 +316,8 @@ class ClientSession:
         if reply.documents:
             self._note_limits(reply.documents[0])
             rewrite_hello_reply(reply.documents[0], self.state.advertised_address)
+            if auth_finished(command_name, reply.documents[0]):
+                await self._refresh_identity()
         await self._send_to_client(encode_op_reply(
             reply.documents, response_to=reply_header.response_to,
             request_id=reply_header.request_id, cursor_id=reply.cursor_id,
