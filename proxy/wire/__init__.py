@@ -5,6 +5,14 @@ ProtocolError, and nothing else, for any invalid input from a peer.
 """
 
 from proxy.wire.bson_options import CODEC_OPTIONS
+from proxy.wire.compression import (
+    COMPRESSOR_NAMES,
+    CompressorId,
+    compress_frame,
+    compressors_from_names,
+    decompress_frame,
+    must_not_compress,
+)
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameReader
 from proxy.wire.header import (
@@ -33,11 +41,13 @@ from proxy.wire.op_reply import OpReply, encode_op_reply, parse_op_reply
 __all__ = [
     "CHECKSUM_PRESENT",
     "CODEC_OPTIONS",
+    "COMPRESSOR_NAMES",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "EXHAUST_ALLOWED",
     "HEADER_SIZE",
     "MORE_TO_COME",
     "CommandPeek",
+    "CompressorId",
     "DocumentSequence",
     "FrameReader",
     "MsgHeader",
@@ -47,11 +57,15 @@ __all__ = [
     "OpReply",
     "ProtocolError",
     "check_frame",
+    "compress_frame",
+    "compressors_from_names",
+    "decompress_frame",
     "encode_header",
     "encode_op_msg",
     "encode_op_msg_reply",
     "encode_op_query",
     "encode_op_reply",
+    "must_not_compress",
     "parse_header",
     "parse_op_msg",
     "parse_op_query",
