@@ -45,6 +45,9 @@ def open_key_vault(policy: Policy, upstream_uri: str) -> tuple[AsyncMongoClient,
     client = AsyncMongoClient(
         upstream_uri,
         serverSelectionTimeoutMS=KEY_VAULT_TIMEOUT_MS,
+        # A key vault that accepts connections but never answers must not
+        # hold a client's command (or the start-up) forever.
+        timeoutMS=KEY_VAULT_TIMEOUT_MS,
         uuidRepresentation="standard",
         appname="mongoveil-key-vault",
     )
@@ -65,6 +68,7 @@ class ProxyServer:
         self.keys = KeyService(vault, KeyRing())
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[asyncio.Task] = set()
+        self._preload: asyncio.Task | None = None
 
     @property
     def port(self) -> int:
@@ -72,11 +76,13 @@ class ProxyServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        """Load the data keys that exist and start listening."""
-        await self._preload_keys()
+        """Start listening, and load the data keys that exist in the background."""
         self._server = await asyncio.start_server(
             self._accept, self.config.listen_host, self.config.listen_port
         )
+        # Unprotected traffic is served at once; a command that needs a key
+        # before the preload finished loads that key itself.
+        self._preload = asyncio.create_task(self._preload_keys(), name="preload-data-keys")
         log.info("mongoveil listening on %s:%d, upstream %s:%d, policy %s",
                  self.config.listen_host, self.port, self.upstream.host, self.upstream.port,
                  self.config.policy_path)
@@ -98,6 +104,8 @@ class ProxyServer:
         """Stop accepting, close every client connection, and release the key vault client."""
         if self._server is not None:
             self._server.close()
+        if self._preload is not None:
+            self._preload.cancel()
         for task in list(self._sessions):
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)

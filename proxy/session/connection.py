@@ -50,7 +50,7 @@ from proxy.session.identity import (
 )
 from proxy.session.keys import KeyService
 from proxy.wire import (
-    CODEC_OPTIONS,
+    CHECKSUM_PRESENT,
     MORE_TO_COME,
     FrameReader,
     OpCode,
@@ -66,6 +66,7 @@ from proxy.wire import (
     parse_op_query,
     parse_op_reply,
     peek_op_msg,
+    verify_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,10 @@ class ClientSession:
 
     async def _handle_op_msg(self, frame: bytes) -> None:
         peek = peek_op_msg(frame)
+        if peek.flag_bits & CHECKSUM_PRESENT:
+            # Checked here even for frames forwarded unchanged: a server that
+            # skips the check would otherwise act on a corrupted command.
+            verify_checksum(frame)
         plan = self._plan_for(peek.name, peek.database, peek.collection)
 
         if plan is None:

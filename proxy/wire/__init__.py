@@ -34,6 +34,7 @@ from proxy.wire.op_msg import (
     encode_op_msg_reply,
     parse_op_msg,
     peek_op_msg,
+    verify_checksum,
 )
 from proxy.wire.op_query import OpQuery, encode_op_query, parse_op_query
 from proxy.wire.op_reply import OpReply, encode_op_reply, parse_op_reply
@@ -71,4 +72,5 @@ __all__ = [
     "parse_op_query",
     "parse_op_reply",
     "peek_op_msg",
+    "verify_checksum",
 ]

@@ -99,7 +99,7 @@ def parse_op_msg(frame: bytes) -> OpMsg:
     """
     flag_bits = _check_prefix(frame)
     if flag_bits & CHECKSUM_PRESENT:
-        _verify_checksum(frame)
+        verify_checksum(frame)
 
     sections = _find_sections(frame, flag_bits)
     body, _ = decode_document(frame, sections.body_offset, sections.body_end, "body document")
@@ -171,7 +171,11 @@ def _check_prefix(frame: bytes) -> int:
     return flag_bits
 
 
-def _verify_checksum(frame: bytes) -> None:
+def verify_checksum(frame: bytes) -> None:
+    """Check the CRC-32C of an OP_MSG frame whose checksumPresent bit is set.
+
+    Raises ProtocolError when the checksum is missing or does not match.
+    """
     checksum_offset = len(frame) - _CHECKSUM_SIZE
     if checksum_offset < _SECTIONS_OFFSET:
         raise ProtocolError("checksumPresent is set but the checksum is missing", len(frame))

@@ -1,0 +1,253 @@
+"""Tests for the guarded commands: those that reach a protected namespace from elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.policy import Policy, parse_policy
+from proxy.rewrite import CommandError
+from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
+
+POLICY_DATA = {
+    "keys": {"master_key_file": "master.key"},
+    "classes": ["identity"],
+    "collections": {
+        "clinic.patients": {"fields": {"ssn": {"class": "identity", "algorithm": "deterministic"}}},
+        "archive.patients": {"fields": {"ssn": {"class": "identity", "algorithm": "deterministic"}}},
+    },
+    "roles": {"doctor": {"identity": "clear"}},
+}
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return parse_policy(POLICY_DATA, Path("/nonexistent/policy.yaml"))
+
+
+def check(body: dict, policy: Policy, sequences: dict | None = None) -> CommandError | None:
+    name = next(iter(body))
+    return check_guarded_command(name, body, sequences or {}, policy)
+
+
+def assert_bad_value(error: CommandError | None, *fragments: str) -> None:
+    assert isinstance(error, CommandError)
+    assert error.code == 2
+    assert error.code_name == "BadValue"
+    for fragment in fragments:
+        assert fragment in error.message
+
+
+@pytest.mark.parametrize("name", ["explain", "bulkWrite", "aggregate", "renameCollection"])
+def test_guarded_commands_known(name):
+    assert name in GUARDED_COMMANDS
+
+
+def test_unguarded_command_passes(policy):
+    body = {"find": "visits", "filter": {"ssn": "999-00-1111"}, "$db": "clinic"}
+
+    assert check_guarded_command("find", body, {}, policy) is None
+
+
+# -- explain --------------------------------------------------------------------
+# The session rewrites an explain of a protected collection like the explained
+# command, so check_guarded_command never rejects explain. explained_namespace
+# finds the namespace the session needs for that.
+
+
+def test_explain_not_rejected(policy):
+    body = {"explain": {"find": "patients", "filter": {"ssn": "999-00-1111"}}, "$db": "clinic"}
+
+    assert check(body, policy) is None
+
+
+def test_explained_namespace_find():
+    body = {"explain": {"find": "patients", "filter": {}}, "verbosity": "queryPlanner",
+            "$db": "clinic"}
+
+    assert explained_namespace(body) == "clinic.patients"
+
+
+def test_explained_namespace_aggregate():
+    body = {"explain": {"aggregate": "visits", "pipeline": [], "cursor": {}}, "$db": "reports"}
+
+    assert explained_namespace(body) == "reports.visits"
+
+
+@pytest.mark.parametrize("inner", [1, "find", {}, None, ["find", "patients"]])
+def test_explained_namespace_malformed(inner):
+    assert explained_namespace({"explain": inner, "$db": "clinic"}) is None
+
+
+def test_explained_namespace_non_string_collection():
+    # `aggregate: 1` is a database-level pipeline, which names no collection.
+    body = {"explain": {"aggregate": 1, "pipeline": []}, "$db": "clinic"}
+
+    assert explained_namespace(body) is None
+
+
+def test_explained_namespace_missing():
+    assert explained_namespace({"$db": "clinic"}) is None
+
+
+# -- bulkWrite ------------------------------------------------------------------
+
+
+def test_bulk_write_body_ns_rejected(policy):
+    body = {"bulkWrite": 1, "ops": [{"insert": 0, "document": {"ssn": "999-00-1111"}}],
+            "nsInfo": [{"ns": "clinic.patients"}], "$db": "admin"}
+
+    assert_bad_value(check(body, policy), "bulkWrite", "clinic.patients", "insert_many")
+
+
+def test_bulk_write_sequence_ns_rejected(policy):
+    # Drivers send ops and nsInfo as OP_MSG document sequences.
+    body = {"bulkWrite": 1, "$db": "admin"}
+    sequences = {"ops": [{"insert": 0, "document": {"ssn": "999-00-1111"}}],
+                 "nsInfo": [{"ns": "archive.patients"}]}
+
+    assert_bad_value(check(body, policy, sequences), "archive.patients")
+
+
+def test_bulk_write_second_ns_rejected(policy):
+    body = {"bulkWrite": 1, "nsInfo": [{"ns": "clinic.visits"}, {"ns": "clinic.patients"}],
+            "$db": "admin"}
+
+    assert_bad_value(check(body, policy), "clinic.patients")
+
+
+def test_bulk_write_unprotected_passes(policy):
+    body = {"bulkWrite": 1, "nsInfo": [{"ns": "clinic.visits"}], "$db": "admin"}
+
+    assert check(body, policy, {"nsInfo": [{"ns": "reports.daily"}]}) is None
+
+
+def test_bulk_write_malformed_entries_pass(policy):
+    body = {"bulkWrite": 1, "nsInfo": ["clinic.patients", {"ns": 5}, {}], "$db": "admin"}
+
+    assert check(body, policy) is None
+
+
+# -- aggregate ------------------------------------------------------------------
+
+
+def test_aggregate_out_string_rejected(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$match": {}}, {"$out": "patients"}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "$out", "clinic.patients")
+
+
+def test_aggregate_out_document_rejected(policy):
+    body = {"aggregate": "staging",
+            "pipeline": [{"$out": {"db": "archive", "coll": "patients"}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "archive.patients")
+
+
+def test_aggregate_merge_string_rejected(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$merge": "patients"}], "cursor": {},
+            "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "$merge", "clinic.patients")
+
+
+def test_aggregate_merge_into_string_rejected(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$merge": {"into": "patients", "on": "_id"}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "clinic.patients")
+
+
+def test_aggregate_merge_into_document_rejected(policy):
+    body = {"aggregate": "staging",
+            "pipeline": [{"$merge": {"into": {"db": "archive", "coll": "patients"}}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "archive.patients")
+
+
+def test_aggregate_merge_into_document_default_db(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$merge": {"into": {"coll": "patients"}}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "clinic.patients")
+
+
+def test_aggregate_out_unprotected_passes(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$out": "patients_copy"}], "cursor": {},
+            "$db": "clinic"}
+
+    assert check(body, policy) is None
+
+
+def test_aggregate_out_other_database_passes(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$out": {"db": "reports", "coll": "patients"}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert check(body, policy) is None
+
+
+def test_aggregate_without_output_passes(policy):
+    body = {"aggregate": "staging", "pipeline": [{"$match": {"ssn": "999-00-1111"}}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert check(body, policy) is None
+
+
+@pytest.mark.parametrize("pipeline", [None, [], ["$out"], [5, {"$limit": 1}]])
+def test_aggregate_malformed_pipeline_passes(policy, pipeline):
+    body = {"aggregate": "staging", "pipeline": pipeline, "cursor": {}, "$db": "clinic"}
+
+    assert check(body, policy) is None
+
+
+def test_aggregate_database_level_out_rejected(policy):
+    # `aggregate: 1` runs a database-level pipeline such as $documents.
+    body = {"aggregate": 1, "pipeline": [{"$documents": [{"ssn": "999-00-1111"}]},
+                                         {"$out": "patients"}],
+            "cursor": {}, "$db": "clinic"}
+
+    assert_bad_value(check(body, policy), "clinic.patients")
+
+
+# -- renameCollection ------------------------------------------------------------
+
+
+def test_rename_into_protected_rejected(policy):
+    body = {"renameCollection": "clinic.staging", "to": "clinic.patients", "$db": "admin"}
+
+    assert_bad_value(check(body, policy), "renameCollection", "clinic.patients")
+
+
+def test_rename_between_protected_passes(policy):
+    # Both namespaces hold ciphertext, so the documents stay encrypted.
+    body = {"renameCollection": "archive.patients", "to": "clinic.patients", "$db": "admin"}
+
+    assert check(body, policy) is None
+
+
+def test_rename_out_of_protected_passes(policy):
+    body = {"renameCollection": "clinic.patients", "to": "clinic.old", "$db": "admin"}
+
+    assert check(body, policy) is None
+
+
+def test_rename_unprotected_passes(policy):
+    body = {"renameCollection": "clinic.a", "to": "clinic.b", "$db": "admin"}
+
+    assert check(body, policy) is None
+
+
+def test_rename_non_string_source_rejected(policy):
+    body = {"renameCollection": 5, "to": "clinic.patients", "$db": "admin"}
+
+    assert_bad_value(check(body, policy), "clinic.patients")
+
+
+def test_rename_non_string_target_passes(policy):
+    body = {"renameCollection": "clinic.staging", "to": {"ns": "clinic.patients"}, "$db": "admin"}
+
+    assert check(body, policy) is None
