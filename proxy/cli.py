@@ -11,6 +11,8 @@ from pathlib import Path
 log = logging.getLogger("mongoveil")
 
 DEFAULT_LISTEN = "127.0.0.1:27117"
+# The order mongod uses by default; kept here so `--help` needs no heavy imports.
+DEFAULT_COMPRESSORS = ("snappy", "zstd", "zlib")
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -41,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise", default=None,
                        help="HOST:PORT that `hello` replies name as the server (default: the "
                             "address each client connected to)")
+    serve.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS),
+                       help="compressors offered to clients, in order of preference, or "
+                            f"'disabled' (default: {','.join(DEFAULT_COMPRESSORS)})")
 
     keys = commands.add_parser("keys", help="manage the master key and data keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -67,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from proxy.server.app import ServeConfig, serve
+    from proxy.session.compression import parse_compressors
 
     config = ServeConfig(
         listen_host=args.listen[0],
@@ -74,6 +80,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         upstream_uri=args.upstream,
         policy_path=args.policy,
         advertise=args.advertise,
+        compressors=parse_compressors(args.compressors),
     )
     try:
         asyncio.run(serve(config))
@@ -108,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pymongo's debug logging of the key vault client prints whole replies,
+    # wrapped data keys included; keep it out of the proxy's log.
+    logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLogger().level))
     from proxy.policy import PolicyError
 
     handlers = {

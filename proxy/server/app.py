@@ -16,6 +16,7 @@ from proxy.crypto.keyring import KeyRing
 from proxy.crypto.master_key import load_local_master_key
 from proxy.policy import Policy, load_policy
 from proxy.server.upstream import UpstreamAddress, parse_upstream
+from proxy.session.compression import DEFAULT_COMPRESSORS
 from proxy.session.connection import ClientSession, ProxyState
 from proxy.session.keys import KeyService
 
@@ -33,6 +34,7 @@ class ServeConfig:
     upstream_uri: str
     policy_path: Path
     advertise: str | None = None     # host:port given to clients in `hello`; default: the address they dialled
+    compressors: tuple[str, ...] = DEFAULT_COMPRESSORS   # offered to clients, in order of preference
 
 
 def open_key_vault(policy: Policy, upstream_uri: str) -> tuple[AsyncMongoClient, KeyVault]:
@@ -119,6 +121,7 @@ class ProxyServer:
             upstream_host=self.upstream.host,
             upstream_port=self.upstream.port,
             advertised_address=self.config.advertise or _dialled_address(writer),
+            compressors=self.config.compressors,
         )
         session = ClientSession(state, reader, writer)
         task = asyncio.current_task()

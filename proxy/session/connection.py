@@ -40,7 +40,9 @@ from proxy.crypto.errors import KeyNotLoaded
 from proxy.policy import Policy
 from proxy.rewrite import CommandError, RewriteContext, needs_rewrite, reveal_reply, rewrite_request
 from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
-from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply, strip_compression
+from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
+from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
+from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply
 from proxy.session.identity import (
     AUTH_COMMANDS,
     CONNECTION_STATUS_COMMAND,
@@ -51,6 +53,8 @@ from proxy.session.identity import (
 from proxy.session.keys import KeyService
 from proxy.wire import (
     CHECKSUM_PRESENT,
+    EXHAUST_ALLOWED,
+    CompressorId,
     MORE_TO_COME,
     FrameReader,
     OpCode,
@@ -58,7 +62,6 @@ from proxy.wire import (
     ProtocolError,
     encode_op_msg,
     encode_op_msg_reply,
-    encode_op_query,
     DEFAULT_MAX_MESSAGE_SIZE,
     encode_op_reply,
     parse_header,
@@ -80,6 +83,25 @@ _PROXY_REQUEST_IDS = itertools.count(0x7F00_0000)
 
 _connection_ids = itertools.count(1)
 
+# MongoDB's maxBsonObjectSize, used until the handshake reply states it.
+DEFAULT_MAX_BSON_SIZE = 16 * 1024 * 1024
+
+_LEGACY_OPCODE_NAMES = {
+    OpCode.UPDATE: "OP_UPDATE",
+    OpCode.INSERT: "OP_INSERT",
+    OpCode.GET_MORE: "OP_GET_MORE",
+    OpCode.DELETE: "OP_DELETE",
+    OpCode.KILL_CURSORS: "OP_KILL_CURSORS",
+    OpCode.REPLY: "OP_REPLY",
+}
+
+
+def _compressed_with(wire_frame: bytes, compressor: CompressorId | None) -> bool:
+    """Tell whether a frame is OP_COMPRESSED with `compressor`, from its fixed offsets."""
+    if compressor is None or len(wire_frame) < 25:
+        return False
+    return parse_header(wire_frame).op_code == OpCode.COMPRESSED and wire_frame[24] == compressor
+
 
 class ConnectionClosed(Exception):
     """The peer closed its side of the connection."""
@@ -94,6 +116,7 @@ class ProxyState:
     upstream_host: str
     upstream_port: int
     advertised_address: str
+    compressors: tuple[str, ...] = DEFAULT_COMPRESSORS
 
 
 @dataclass
@@ -105,6 +128,7 @@ class _Plan:
     handshake: bool = False      # rewrite the member list of a hello reply
     auth: bool = False           # refresh the identity after success
     guard: bool = False          # check for a protected namespace elsewhere in the body
+    hello_command: dict | None = None   # the client's handshake, for compression
 
 
 class ClientSession:
@@ -121,6 +145,8 @@ class ClientSession:
         self.upstream_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
         self.upstream_reader: asyncio.StreamReader | None = None
         self.upstream_writer: asyncio.StreamWriter | None = None
+        self.compression = LegCompression(state.compressors)
+        self.max_bson_size = DEFAULT_MAX_BSON_SIZE
         self.identity = Identity(policy_roles=self._default_roles())
         self.context = self._new_context()
 
@@ -183,19 +209,20 @@ class ClientSession:
 
     # -- requests ---------------------------------------------------------
 
-    async def _handle_request(self, frame: bytes) -> None:
+    async def _handle_request(self, wire_frame: bytes) -> None:
+        frame, compressor = self.compression.unwrap(
+            wire_frame, self.client_frames.max_message_size, self.compression.client)
         header = parse_header(frame)
+
         if header.op_code == OpCode.MSG:
-            await self._handle_op_msg(frame)
+            await self._handle_op_msg(frame, wire_frame, compressor)
         elif header.op_code == OpCode.QUERY:
             await self._handle_op_query(frame)
         else:
-            raise ProtocolError(
-                f"opcode {header.op_code} is not supported through the proxy; "
-                "use OP_MSG (MongoDB 3.6 and later drivers)"
-            )
+            await self._reject_legacy_opcode(header)
 
-    async def _handle_op_msg(self, frame: bytes) -> None:
+    async def _handle_op_msg(self, frame: bytes, wire_frame: bytes,
+                             compressor: CompressorId | None) -> None:
         peek = peek_op_msg(frame)
         if peek.flag_bits & CHECKSUM_PRESENT:
             # Checked here even for frames forwarded unchanged: a server that
@@ -203,17 +230,19 @@ class ClientSession:
             verify_checksum(frame)
         plan = self._plan_for(peek.name, peek.database, peek.collection)
 
-        if plan is None:
-            await self._send_upstream(frame)
-        else:
-            frame = await self._prepare_op_msg(frame, plan)
-            if frame is None:
-                return
-            await self._send_upstream(frame)
+        to_send = frame
+        if plan is not None:
+            to_send = await self._prepare_op_msg(frame, plan)
+            if to_send is None:
+                return      # already answered by the proxy
+        target = self.compression.target(compressor, self.compression.upstream, peek.name)
+        await self._send_upstream(
+            encode_for_leg(to_send, wire_frame, compressor, target, changed=to_send is not frame))
 
         if peek.flag_bits & MORE_TO_COME:
             return      # fire-and-forget: the server sends no reply
-        await self._relay_replies(plan)
+        client_target = self.compression.target(compressor, self.compression.client, peek.name)
+        await self._relay_replies(plan, client_target, bool(peek.flag_bits & EXHAUST_ALLOWED))
 
     def _plan_for(self, name: str, database: str | None, collection: str | None) -> _Plan | None:
         """Decide whether a command needs decoding; None means forward the same bytes."""
@@ -235,9 +264,13 @@ class ClientSession:
         message = parse_op_msg(frame)
 
         if plan.handshake:
-            if not strip_compression(message.body):
-                return frame
-            return encode_op_msg(message, header.request_id, header.response_to)
+            plan.hello_command = message.body
+            if self.compression.negotiated and "compression" in message.body:
+                # The upstream leg keeps what the first handshake agreed, so a
+                # later hello must not renegotiate it behind the proxy's back.
+                del message.body["compression"]
+                return encode_op_msg(message, header.request_id, header.response_to)
+            return frame
 
         if plan.command_name == "explain":
             # An explained command on a protected collection is rewritten like
@@ -252,11 +285,48 @@ class ClientSession:
 
         try:
             message = await self._rewrite_with_keys(frame)
+            chunks = split_write(message, self.upstream_frames.max_message_size, self.max_bson_size)
         except CommandError as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
             await self._reply_to_client(header.request_id, error.to_reply())
             return None
+
+        if len(chunks) > 1:
+            await self._send_chunks(header.request_id, chunks, bool(message.flag_bits & MORE_TO_COME))
+            return None
         return encode_op_msg(message, header.request_id, header.response_to)
+
+    async def _send_chunks(self, request_id: int, chunks: list[OpMsg], more_to_come: bool) -> None:
+        """Send a write batch as several commands and answer the client with one merged reply."""
+        log.debug("conn %d from %s: write batch split into %d commands after encryption",
+                  self.id, self.peer, len(chunks))
+        first = chunks[0].body
+        ordered = first.get("ordered", True) is not False
+        offsets = chunk_offsets(chunks)
+        replies = []
+        for chunk, offset in zip(chunks, offsets):
+            body = chunk.body
+            if "txnNumber" in body:
+                # Retryable writes identify statements by their index in the
+                # batch; a chunk keeps the indexes of the original batch.
+                body["stmtIds"] = list(range(offset, offset + len(chunk.sequences[0].documents)))
+            await self._send_upstream(encode_op_msg(chunk, next(_PROXY_REQUEST_IDS), 0))
+            if more_to_come:
+                continue
+
+            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            frame, _ = self.compression.unwrap(
+                wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
+            replies.append(parse_op_msg(frame).body)
+            if stops_batch(replies[-1], ordered):
+                break
+
+        if more_to_come:
+            return
+        merged = merge_write_replies(replies, offsets[:len(replies)])
+        reply_frame = encode_op_msg_reply(merged, response_to=request_id,
+                                          request_id=next(_PROXY_REQUEST_IDS))
+        await self._send_to_client(await self._reveal(reply_frame))
 
     async def _rewrite_with_keys(self, frame: bytes) -> OpMsg:
         """Rewrite a command, loading the data keys it needs; raises CommandError to reject."""
@@ -292,6 +362,20 @@ class ClientSession:
         await self._reply_to_client(parse_header(frame).request_id, error.to_reply())
         return None
 
+    async def _reject_legacy_opcode(self, header) -> None:
+        """Answer a legacy opcode with an error instead of forwarding it around the policy."""
+        name = _LEGACY_OPCODE_NAMES.get(header.op_code, f"opcode {header.op_code}")
+        log.info("conn %d from %s: rejected legacy %s", self.id, self.peer, name)
+        error = CommandError(
+            5739101, "UnsupportedOpcode",
+            f"{name} is not supported through mongoveil (removed from MongoDB in version 5.1); "
+            "use a driver that speaks OP_MSG",
+        )
+        await self._send_to_client(encode_op_reply(
+            [error.to_reply()], response_to=header.request_id,
+            request_id=next(_PROXY_REQUEST_IDS), flags=_QUERY_FAILURE,
+        ))
+
     async def _handle_op_query(self, frame: bytes) -> None:
         """Serve the legacy OP_QUERY handshake; reject every other OP_QUERY."""
         header = parse_header(frame)
@@ -311,8 +395,6 @@ class ClientSession:
             ))
             return
 
-        if strip_compression(query.query):
-            frame = encode_op_query(query, header.request_id, header.response_to)
         await self._send_upstream(frame)
 
         reply_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
@@ -321,6 +403,7 @@ class ClientSession:
         if reply.documents:
             self._note_limits(reply.documents[0])
             rewrite_hello_reply(reply.documents[0], self.state.advertised_address)
+            self.compression.negotiate(query.query, reply.documents[0])
             if auth_finished(command_name, reply.documents[0]):
                 await self._refresh_identity()
         await self._send_to_client(encode_op_reply(
@@ -331,19 +414,30 @@ class ClientSession:
 
     # -- replies ----------------------------------------------------------
 
-    async def _relay_replies(self, plan: _Plan | None) -> None:
-        """Relay replies until one arrives without `moreToCome`."""
+    async def _relay_replies(self, plan: _Plan | None, client_target: CompressorId | None,
+                             exhaust: bool) -> None:
+        """Relay replies until one arrives without `moreToCome`.
+
+        Only a request with `exhaustAllowed` can get several replies, so the
+        flags of other replies are not read.
+        """
         while True:
-            frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            if plan is None and not exhaust and _compressed_with(wire_frame, client_target):
+                await self._send_to_client(wire_frame)
+                return
+
+            frame, arrived = self.compression.unwrap(
+                wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
             header = parse_header(frame)
             if header.op_code != OpCode.MSG:
                 raise ProtocolError(f"upstream sent opcode {header.op_code} in reply to OP_MSG")
 
-            more_to_come = peek_op_msg(frame).flag_bits & MORE_TO_COME
-            if plan is None:
-                await self._send_to_client(frame)
-            else:
-                await self._send_to_client(await self._rewrite_reply(frame, plan))
+            more_to_come = exhaust and peek_op_msg(frame).flag_bits & MORE_TO_COME
+            to_send = frame if plan is None else await self._rewrite_reply(frame, plan)
+            await self._send_to_client(
+                encode_for_leg(to_send, wire_frame, arrived, client_target,
+                               changed=to_send is not frame))
 
             if not more_to_come:
                 return
@@ -354,6 +448,7 @@ class ClientSession:
             message = parse_op_msg(frame)
             self._note_limits(message.body)
             rewrite_hello_reply(message.body, self.state.advertised_address)
+            self.compression.negotiate(plan.hello_command or {}, message.body)
             if plan.auth and auth_finished(plan.command_name, message.body):
                 await self._refresh_identity()
             return encode_op_msg(message, header.request_id, header.response_to)
@@ -386,11 +481,15 @@ class ClientSession:
                     return frame
 
     def _note_limits(self, hello_reply: dict) -> None:
-        """Adopt the server's message size limit for both directions."""
+        """Adopt the server's size limits for both directions."""
         limit = hello_reply.get("maxMessageSizeBytes")
         if isinstance(limit, int) and limit > 0:
             self.client_frames.max_message_size = limit
             self.upstream_frames.max_message_size = limit
+
+        bson_limit = hello_reply.get("maxBsonObjectSize")
+        if isinstance(bson_limit, int) and bson_limit > 0:
+            self.max_bson_size = bson_limit
 
     # -- identity ---------------------------------------------------------
 

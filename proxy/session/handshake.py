@@ -1,10 +1,9 @@
 """The connection handshake (`hello`, `isMaster`, `ismaster`) as the proxy changes it.
 
-Two changes keep clients on the proxy. Compression is removed from the
-client's request because the proxy must read every frame it rewrites and
-does not decompress yet. The server's address is replaced by the proxy's in
-the reply, because a driver given a replica-set member list connects to
-those hosts directly and would bypass the proxy.
+The server's address is replaced by the proxy's in the reply, because a
+driver given a replica-set member list connects to those hosts directly and
+would bypass the proxy. Compression is negotiated per leg (see
+`proxy.session.compression`).
 """
 
 from __future__ import annotations
@@ -16,11 +15,6 @@ _MEMBER_LIST_FIELDS = ("hosts", "passives", "arbiters")
 _MEMBER_FIELDS = ("me", "primary")
 
 
-def strip_compression(command: dict) -> bool:
-    """Remove the `compression` list from a handshake command; return whether it was there."""
-    return command.pop("compression", None) is not None
-
-
 def rewrite_hello_reply(reply: dict, advertised_address: str) -> dict:
     """Present the proxy at `advertised_address` as the only member the client may use."""
     for name in _MEMBER_LIST_FIELDS:
@@ -30,8 +24,4 @@ def rewrite_hello_reply(reply: dict, advertised_address: str) -> dict:
     for name in _MEMBER_FIELDS:
         if name in reply:
             reply[name] = advertised_address
-
-    # The proxy removed the client's compressors, so the server offers none;
-    # drop the field anyway in case a server announces compressors unasked.
-    reply.pop("compression", None)
     return reply

@@ -2,8 +2,11 @@
 
 Each invalid frame must close only the connection that sent it, after a log
 line naming the connection, while a pymongo client on another connection of
-the same proxy keeps working. Frames are built by hand with `struct` and
-`bson` so the tests do not depend on the proxy's own encoders.
+the same proxy keeps working. The legacy opcodes that MongoDB no longer
+supports since 5.1 are not invalid frames: each gets an error reply and the
+connection stays open.
+Frames are built by hand with `struct` and `bson` so the tests do not depend
+on the proxy's own encoders.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from pymongo import MongoClient
 from proxy.demo.users import CLINICIAN
 
 OP_REPLY = 1
+OP_UPDATE = 2001
 OP_INSERT = 2002
 OP_QUERY = 2004
+OP_GET_MORE = 2005
+OP_DELETE = 2006
+OP_KILL_CURSORS = 2007
 OP_MSG = 2013
 
 CHECKSUM_PRESENT = 1 << 0
@@ -167,17 +174,11 @@ def _bad_checksum() -> bytes:
     return valid[:-4] + struct.pack("<I", (struct.unpack("<I", valid[-4:])[0] ^ 0xFFFF_FFFF))
 
 
-def _legacy_insert() -> bytes:
-    payload = struct.pack("<i", 0) + b"clinic.legacy\x00" + bson.encode({"_id": 1})
-    return frame(OP_INSERT, payload)
-
-
 INVALID_FRAMES = [
     pytest.param(_short_length, id="length-below-16"),
     pytest.param(_huge_length, id="length-above-max"),
     pytest.param(_truncated_op_msg, id="truncated-op-msg"),
     pytest.param(_bad_checksum, id="bad-crc32c"),
-    pytest.param(_legacy_insert, id="op-insert"),
 ]
 
 
@@ -201,6 +202,95 @@ def test_invalid_frame_logged(deployment, build):
 
     line = wait_for_log_line(
         deployment.log_path, rf"conn \d+ .*127\.0\.0\.1:{local_port}\b.*invalid frame"
+    )
+    assert line is not None
+
+
+# -- legacy opcodes get an error reply ------------------------------------------------
+
+LEGACY_COLLECTION = b"clinic.legacy\x00"     # a cstring fullCollectionName
+
+
+def _legacy_update() -> bytes:
+    # ZERO, fullCollectionName, flags, selector, update.
+    payload = (struct.pack("<i", 0) + LEGACY_COLLECTION + struct.pack("<i", 0)
+               + bson.encode({"_id": 1}) + bson.encode({"$set": {"a": 1}}))
+    return frame(OP_UPDATE, payload, request_id=61)
+
+
+def _legacy_insert() -> bytes:
+    # flags, fullCollectionName, documents.
+    payload = struct.pack("<i", 0) + LEGACY_COLLECTION + bson.encode({"_id": 1})
+    return frame(OP_INSERT, payload, request_id=62)
+
+
+def _legacy_get_more() -> bytes:
+    # ZERO, fullCollectionName, numberToReturn, cursorID.
+    payload = struct.pack("<i", 0) + LEGACY_COLLECTION + struct.pack("<iq", 0, 12345)
+    return frame(OP_GET_MORE, payload, request_id=63)
+
+
+def _legacy_delete() -> bytes:
+    # ZERO, fullCollectionName, flags, selector.
+    payload = struct.pack("<i", 0) + LEGACY_COLLECTION + struct.pack("<i", 0) + bson.encode({"_id": 1})
+    return frame(OP_DELETE, payload, request_id=64)
+
+
+def _legacy_kill_cursors() -> bytes:
+    # ZERO, numberOfCursorIDs, cursorIDs.
+    payload = struct.pack("<iiq", 0, 1, 12345)
+    return frame(OP_KILL_CURSORS, payload, request_id=65)
+
+
+LEGACY_FRAMES = [
+    pytest.param(_legacy_update, "OP_UPDATE", id="op-update"),
+    pytest.param(_legacy_insert, "OP_INSERT", id="op-insert"),
+    pytest.param(_legacy_get_more, "OP_GET_MORE", id="op-get-more"),
+    pytest.param(_legacy_delete, "OP_DELETE", id="op-delete"),
+    pytest.param(_legacy_kill_cursors, "OP_KILL_CURSORS", id="op-kill-cursors"),
+]
+
+
+@pytest.mark.parametrize("build, name", LEGACY_FRAMES)
+def test_legacy_opcode_error_reply(deployment, build, name):
+    request = build()
+    request_id = HEADER.unpack_from(request)[1]
+    with connect(deployment.proxy_address) as sock:
+        sock.sendall(request)
+        _reply_id, response_to, op_code, payload = receive_frame(sock)
+
+    flags, documents = op_reply_documents(payload)
+    assert op_code == OP_REPLY
+    assert response_to == request_id
+    assert flags & QUERY_FAILURE
+    assert len(documents) == 1
+    assert documents[0]["ok"] == 0
+    assert name in documents[0]["errmsg"]
+
+
+@pytest.mark.parametrize("build, name", LEGACY_FRAMES)
+def test_legacy_opcode_keeps_connection(deployment, doctor, build, name):
+    with connect(deployment.proxy_address) as sock:
+        sock.sendall(build())
+        receive_frame(sock)
+        sock.sendall(op_msg({"ping": 1, "$db": "admin"}, request_id=66))
+        _ping_id, response_to, op_code, payload = receive_frame(sock)
+
+    assert op_code == OP_MSG
+    assert response_to == 66
+    assert op_msg_body(payload)["ok"] == 1
+    assert_client_works(doctor)
+
+
+@pytest.mark.parametrize("build, name", LEGACY_FRAMES)
+def test_legacy_opcode_logged(deployment, build, name):
+    with connect(deployment.proxy_address) as sock:
+        local_port = sock.getsockname()[1]
+        sock.sendall(build())
+        receive_frame(sock)
+
+    line = wait_for_log_line(
+        deployment.log_path, rf"conn \d+ from 127\.0\.0\.1:{local_port}: rejected legacy {name}\b"
     )
     assert line is not None
 
@@ -254,7 +344,7 @@ def test_op_query_handshake(deployment):
     assert not flags & QUERY_FAILURE
     assert documents[0]["ok"] == 1
     assert documents[0]["ismaster"] is True
-    assert "compression" not in documents[0]
+    assert documents[0]["compression"] == ["zlib", "zstd", "snappy"]
     assert documents[0]["me"] == deployment.proxy_address
     assert documents[0]["hosts"] == [deployment.proxy_address]
     assert ping_op_code == OP_MSG
@@ -285,19 +375,19 @@ def test_hello_without_proxy_names_server(deployment):
     assert reply["hosts"] == [deployment.server.address]
 
 
-def test_compressors_stripped(deployment):
+def test_compressed_client_round_trip(deployment):
+    # The proxy decompresses each request to read it; the data must survive intact.
     with deployment.client(CLINICIAN, compressors="zlib,zstd,snappy") as client:
         client.clinic.compression_probe.delete_many({})
         client.clinic.compression_probe.insert_one({"_id": 1, "text": "x" * 5000})
         document = client.clinic.compression_probe.find_one({"_id": 1})
-        hello = client.admin.command("hello")
 
     assert document == {"_id": 1, "text": "x" * 5000}
-    assert "compression" not in hello
 
 
-def test_raw_hello_compression_removed(deployment):
-    hello = {"hello": 1, "compression": ["zlib", "zstd", "snappy"], "$db": "admin"}
+def test_raw_hello_compression_answered(deployment):
+    # The proxy accepts the client's compressors that it supports, in the client's order.
+    hello = {"hello": 1, "compression": ["zlib", "lz4", "zstd", "snappy"], "$db": "admin"}
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_msg(hello, request_id=45))
         _request_id, response_to, op_code, payload = receive_frame(sock)
@@ -306,7 +396,7 @@ def test_raw_hello_compression_removed(deployment):
     assert op_code == OP_MSG
     assert response_to == 45
     assert reply["ok"] == 1
-    assert "compression" not in reply
+    assert reply["compression"] == ["zlib", "zstd", "snappy"]
 
 
 # -- checksum ----------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Tests for the handshake changes: compression removed, the proxy named as the only member."""
+"""Tests for the handshake change: the proxy named as the only member, everything else kept."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply, strip_compression
+from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply
 
 PROXY = "127.0.0.1:27117"
 SERVER = "db1.internal:27017"
@@ -36,37 +36,6 @@ def test_handshake_commands_exclude_ping():
     assert "ping" not in HANDSHAKE_COMMANDS
 
 
-def test_strip_compression_removes_list():
-    command = {"hello": 1, "compression": ["zlib", "snappy"], "$db": "admin"}
-
-    assert strip_compression(command) is True
-    assert command == {"hello": 1, "$db": "admin"}
-
-
-def test_strip_compression_keeps_order():
-    command = {"hello": 1, "client": {"driver": {}}, "compression": ["zstd"], "$db": "admin"}
-
-    strip_compression(command)
-
-    assert list(command) == ["hello", "client", "$db"]
-
-
-def test_strip_compression_absent():
-    command = {"isMaster": 1, "$db": "admin"}
-
-    assert strip_compression(command) is False
-    assert command == {"isMaster": 1, "$db": "admin"}
-
-
-def test_strip_compression_empty_list():
-    # pymongo 4.20 sends `compression: []` on pool connections when no compressor is set.
-    command = {"hello": 1, "compression": [], "$db": "admin"}
-
-    strip_compression(command)
-
-    assert "compression" not in command
-
-
 def test_rewrite_hello_hosts():
     reply = rewrite_hello_reply(replica_set_reply(), PROXY)
 
@@ -93,10 +62,11 @@ def test_rewrite_hello_no_server_address():
     assert "internal" not in repr(reply)
 
 
-def test_rewrite_hello_drops_compression():
+def test_rewrite_hello_keeps_compression():
+    # Compression is negotiated per leg elsewhere, so the member rewrite leaves it alone.
     reply = rewrite_hello_reply(replica_set_reply(), PROXY)
 
-    assert "compression" not in reply
+    assert reply["compression"] == ["zstd"]
 
 
 def test_rewrite_hello_keeps_other_fields():
@@ -104,15 +74,15 @@ def test_rewrite_hello_keeps_other_fields():
 
     reply = rewrite_hello_reply(replica_set_reply(), PROXY)
 
-    for name in ("isWritablePrimary", "topologyVersion", "maxMessageSizeBytes", "setName", "ok"):
+    for name in ("isWritablePrimary", "topologyVersion", "maxMessageSizeBytes", "setName",
+                 "compression", "ok"):
         assert reply[name] == original[name], name
 
 
 def test_rewrite_hello_keeps_order():
     reply = rewrite_hello_reply(replica_set_reply(), PROXY)
 
-    expected = [name for name in replica_set_reply() if name != "compression"]
-    assert list(reply) == expected
+    assert list(reply) == list(replica_set_reply())
 
 
 def test_rewrite_hello_standalone():
