@@ -501,9 +501,6 @@ def test_unset_protected_field(doctor, stored, patients):
 # -- size limits -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy bug: encryption makes a full insert batch larger than maxMessageSizeBytes, and "
-    "the proxy forwards it unsplit, so the server resets the connection (AutoReconnect)"))
 def test_insert_many_full_batch_size(deployment, stored, protected, cleanup):
     # pymongo fills one OP_MSG up to the server's maxMessageSizeBytes (48,000,000 bytes
     # for SecantusDB and mongod). Encryption makes each of the 12 short protected values
