@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,9 +37,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--listen", type=_host_port, default=DEFAULT_LISTEN,
                        help=f"HOST:PORT to accept MongoDB clients on (default: {DEFAULT_LISTEN})")
-    serve.add_argument("--upstream", required=True,
+    serve.add_argument("--upstream", default=os.environ.get("MONGOVEIL_UPSTREAM"),
+                       required="MONGOVEIL_UPSTREAM" not in os.environ,
                        help="MongoDB connection string of the server; its credentials are "
-                            "the proxy's own account for the key vault")
+                            "the proxy's own account for the key vault (default: the "
+                            "MONGOVEIL_UPSTREAM environment variable, which keeps the "
+                            "password out of the process list)")
     serve.add_argument("--policy", required=True, type=Path, help="policy YAML file")
     serve.add_argument("--advertise", default=None,
                        help="HOST:PORT that `hello` replies name as the server (default: the "
@@ -52,8 +56,10 @@ def _build_parser() -> argparse.ArgumentParser:
     init = key_commands.add_parser(
         "init", help="create the master-key file if missing and the data key of every class")
     init.add_argument("--policy", required=True, type=Path, help="policy YAML file")
-    init.add_argument("--upstream", required=True,
-                      help="MongoDB connection string with access to the key vault")
+    init.add_argument("--upstream", default=os.environ.get("MONGOVEIL_UPSTREAM"),
+                      required="MONGOVEIL_UPSTREAM" not in os.environ,
+                      help="MongoDB connection string with access to the key vault "
+                           "(default: the MONGOVEIL_UPSTREAM environment variable)")
 
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
@@ -107,7 +113,11 @@ def _run_policy_check(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from proxy.demo.run import run_demo
 
-    return run_demo(port=args.port, workdir=args.workdir, wait=not args.no_wait)
+    try:
+        return run_demo(port=args.port, workdir=args.workdir, wait=not args.no_wait)
+    except RuntimeError as error:   # a server of the demo failed to start
+        print(f"mongoveil demo: error: {error}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # pymongo's debug logging of the key vault client prints whole replies,
     # wrapped data keys included; keep it out of the proxy's log.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLogger().level))
+    from proxy.crypto.errors import KeyDocumentError, MasterKeyError
     from proxy.policy import PolicyError
 
     handlers = {
@@ -128,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (PolicyError, ValueError, FileNotFoundError) as error:
+    except MasterKeyError as error:
+        print(f"mongoveil: error: {error}; create it with `mongoveil keys init --policy FILE "
+              "--upstream URI`, or restore it from your backup", file=sys.stderr)
+        return 2
+    except (PolicyError, KeyDocumentError, ValueError, FileNotFoundError) as error:
         print(f"mongoveil: error: {error}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -59,11 +60,25 @@ def _start_server(workdir: Path) -> SecantusServer:
     return server
 
 
+def _check_port_free(port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} on 127.0.0.1 is in use, perhaps by a demo that is still running; "
+                "stop it, or choose another port with `mongoveil demo --port N`"
+            ) from None
+
+
 def _start_proxy(policy_path: Path, upstream: str, port: int, workdir: Path) -> subprocess.Popen:
     log_file = open(workdir / "mongoveil.log", "ab")
     command = [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
-               "--upstream", upstream, "--policy", str(policy_path)]
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+               "--policy", str(policy_path)]
+    # The upstream URI holds the proxy's password, so it goes through the
+    # environment rather than the process list.
+    environment = dict(os.environ, MONGOVEIL_UPSTREAM=upstream)
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
     log_file.close()
 
     deadline = time.monotonic() + 30
@@ -95,8 +110,15 @@ def _show_views(proxy_address: str, server_address: str, patient_id: str) -> Non
         print(format_document(document))
 
 
+def _stop_on_sigterm(signal_number, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(port: int, workdir: Path, wait: bool) -> int:
     """Run the demo; return the exit code."""
+    # SIGTERM stops the demo like Ctrl-C, so the servers it started stop too.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _check_port_free(port)
     workdir = workdir.resolve()
     policy_path = _prepare_workdir(workdir)
     print(f"starting SecantusDB (GPL-2.0, a separate process) with its data in {workdir}")
@@ -106,7 +128,8 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
         service_uri = (f"mongodb://{SERVICE.name}:{SERVICE.password}@{server.address}/"
                        f"?authSource={SERVICE.database}&directConnection=true")
         subprocess.run([sys.executable, "-m", "proxy.cli", "--log-level", "WARNING", "keys", "init",
-                        "--policy", str(policy_path), "--upstream", service_uri], check=True)
+                        "--policy", str(policy_path)], check=True,
+                       env=dict(os.environ, MONGOVEIL_UPSTREAM=service_uri))
 
         proxy = _start_proxy(policy_path, service_uri, port, workdir)
         proxy_address = f"127.0.0.1:{port}"
@@ -119,9 +142,13 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
         print(f"inserted {len(patients)} patients through the proxy as {CLINICIAN.name} "
               f"in {time.monotonic() - started:.1f} s")
 
-        _show_views(proxy_address, server.address, patients[SAMPLE_PATIENT_INDEX]["_id"])
+        patient = patients[SAMPLE_PATIENT_INDEX]
+        _show_views(proxy_address, server.address, patient["_id"])
         if wait:
-            _wait_for_ctrl_c(proxy_address)
+            _wait_for_ctrl_c(proxy_address, patient["ssn"])
+        return 0
+    except KeyboardInterrupt:
+        print("\nstopping")
         return 0
     finally:
         if proxy is not None:
@@ -133,14 +160,11 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
         server.stop()
 
 
-def _wait_for_ctrl_c(proxy_address: str) -> None:
+def _wait_for_ctrl_c(proxy_address: str, ssn: str) -> None:
     print("\nThe proxy keeps running. Try it with mongosh, for example:")
     for user in (CLINICIAN, BILLING, RESEARCHER, AUDITOR):
         print(f"  mongosh '{user.uri(proxy_address)}'")
-    print("  then: db.patients.findOne({ssn: '999-15-6133'})")
+    print(f"  then: db.patients.findOne({{ssn: '{ssn}'}})")
     print("Press Ctrl-C to stop.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping")
+    while True:
+        time.sleep(3600)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class ProxyServer:
         self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri)
         self.keys = KeyService(vault, KeyRing())
         self._server: asyncio.base_events.Server | None = None
-        self._sessions: set[asyncio.Task] = set()
+        self._sessions: dict[ClientSession, asyncio.Task] = {}
         self._preload: asyncio.Task | None = None
 
     @property
@@ -79,9 +80,13 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Start listening, and load the data keys that exist in the background."""
-        self._server = await asyncio.start_server(
-            self._accept, self.config.listen_host, self.config.listen_port
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, self.config.listen_host, self.config.listen_port
+            )
+        except OSError as error:
+            raise ValueError(f"cannot listen on {self.config.listen_host}:"
+                             f"{self.config.listen_port}: {error.strerror}") from error
         # Unprotected traffic is served at once; a command that needs a key
         # before the preload finished loads that key itself.
         self._preload = asyncio.create_task(self._preload_keys(), name="preload-data-keys")
@@ -95,8 +100,10 @@ class ProxyServer:
             count = await self.keys.preload()
             log.info("loaded %d data keys from the key vault %s", count, self.policy.key_vault)
         except Exception as error:  # the proxy still serves; keys load on first use
-            log.warning("cannot read the key vault %s at start-up (%s); data keys will be "
-                        "loaded on first use", self.policy.key_vault, type(error).__name__)
+            # pymongo's messages name hosts and reasons ("Authentication failed."),
+            # never passwords, so they go into the log.
+            log.warning("cannot read the key vault %s at start-up: %s: %s; data keys will be "
+                        "loaded on first use", self.policy.key_vault, type(error).__name__, error)
 
     async def serve_forever(self) -> None:
         async with self._server:
@@ -108,9 +115,13 @@ class ProxyServer:
             self._server.close()
         if self._preload is not None:
             self._preload.cancel()
-        for task in list(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        # Closing the sockets ends each session's pump the normal way;
+        # cancelling the handler tasks would make asyncio log tracebacks.
+        tasks = list(self._sessions.values())
+        for session in list(self._sessions):
+            session.abort()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         await self._mongo_client.close()
         log.info("mongoveil stopped")
 
@@ -124,12 +135,11 @@ class ProxyServer:
             compressors=self.config.compressors,
         )
         session = ClientSession(state, reader, writer)
-        task = asyncio.current_task()
-        self._sessions.add(task)
+        self._sessions[session] = asyncio.current_task()
         try:
             await session.run()
         finally:
-            self._sessions.discard(task)
+            del self._sessions[session]
 
 
 def _dialled_address(writer: asyncio.StreamWriter) -> str:
@@ -139,10 +149,21 @@ def _dialled_address(writer: asyncio.StreamWriter) -> str:
 
 
 async def serve(config: ServeConfig) -> None:
-    """Run the proxy until cancelled."""
+    """Run the proxy until SIGTERM or SIGINT, then close every connection and return."""
     server = ProxyServer(config)
     await server.start()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
+
+    serving = asyncio.create_task(server.serve_forever(), name="listener")
+    await stopping.wait()
+    log.info("mongoveil stopping on signal")
+    serving.cancel()
     try:
-        await server.serve_forever()
-    finally:
-        await server.close()
+        await serving
+    except asyncio.CancelledError:
+        pass
+    await server.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pymongo.errors import InvalidURI
+import re
+
+from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
 
@@ -20,14 +22,22 @@ def parse_upstream(uri: str) -> UpstreamAddress:
     TODO: a replica-set URI with several hosts is served from its first host
     only; following elections needs server monitoring in the proxy.
     """
+    if uri.startswith("mongodb+srv://"):
+        raise ValueError("--upstream: mongodb+srv:// connection strings are not supported yet; "
+                         "give the hosts as mongodb://host1:port,host2:port/?replicaSet=NAME")
     try:
         parsed = parse_uri(uri, validate=True)
-    except (InvalidURI, ValueError) as error:
-        # pymongo's message may quote the URI, which can hold a password.
-        raise ValueError(f"invalid --upstream connection string: {type(error).__name__}") from None
+    except (InvalidURI, ConfigurationError, ValueError) as error:
+        raise ValueError(f"invalid --upstream connection string: {_without_credentials(str(error))}"
+                         ) from None
 
     if parsed["options"].get("tls"):
         raise ValueError("TLS to the upstream server is not supported yet; use a tls=false URI")
 
     host, port = parsed["nodelist"][0]
     return UpstreamAddress(host, port)
+
+
+def _without_credentials(message: str) -> str:
+    """Remove `user:password@` from a message that may quote the connection string."""
+    return re.sub(r"//[^/@\s]*@", "//<credentials>@", message)

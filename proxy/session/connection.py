@@ -164,6 +164,9 @@ class ClientSession:
             pass
         except ProtocolError as error:
             log.warning("conn %d from %s: closing after invalid frame: %s", self.id, self.peer, error)
+        except ConnectionResetError as error:
+            # Drivers close idle and monitoring sockets without notice.
+            log.info("conn %d from %s: connection reset: %s", self.id, self.peer, error)
         except (ConnectionError, OSError) as error:
             log.warning("conn %d from %s: connection error: %s", self.id, self.peer, error)
         except Exception as error:
@@ -176,6 +179,12 @@ class ClientSession:
         finally:
             await self._close()
             log.info("conn %d from %s: closed", self.id, self.peer)
+
+    def abort(self) -> None:
+        """Close both sockets so that `run` returns; used when the proxy stops."""
+        for writer in (self.client_writer, self.upstream_writer):
+            if writer is not None:
+                writer.close()
 
     async def _connect_upstream(self) -> None:
         try:
@@ -343,13 +352,14 @@ class ClientSession:
         try:
             await self.state.keys.ensure_class_key(class_name)
         except Exception as error:      # any key-vault failure: reject, never write in clear
-            log.error("conn %d from %s: cannot load the data key of class %s: %s",
-                      self.id, self.peer, class_name, type(error).__name__)
+            log.error("conn %d from %s: cannot load the data key of class %s: %s: %s",
+                      self.id, self.peer, class_name, type(error).__name__, error)
             raise CommandError(
                 6, "HostUnreachable",
                 f"mongoveil could not load the data key of class {class_name!r} from the key "
-                "vault, so the protected fields cannot be encrypted; retry when the key vault "
-                "is reachable",
+                "vault, so the protected fields cannot be encrypted and nothing was written; the "
+                "key vault is unreachable or the proxy's account cannot read it (see the proxy "
+                "log); retry when it is fixed",
             ) from error
 
     async def _check_guarded(self, frame: bytes, message: OpMsg, name: str) -> bytes | None:
