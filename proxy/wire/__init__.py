@@ -13,7 +13,12 @@ from proxy.wire.compression import (
     decompress_frame,
     must_not_compress,
 )
-from proxy.wire.errors import ProtocolError
+from proxy.wire.duplicates import (
+    DuplicateKeyInCommand,
+    check_op_msg_duplicates,
+    find_duplicate_key,
+)
+from proxy.wire.errors import ProtocolError, RepeatedCommandField
 from proxy.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameReader
 from proxy.wire.header import (
     HEADER_SIZE,
@@ -50,6 +55,7 @@ __all__ = [
     "CommandPeek",
     "CompressorId",
     "DocumentSequence",
+    "DuplicateKeyInCommand",
     "FrameReader",
     "MsgHeader",
     "OpCode",
@@ -57,7 +63,9 @@ __all__ = [
     "OpQuery",
     "OpReply",
     "ProtocolError",
+    "RepeatedCommandField",
     "check_frame",
+    "check_op_msg_duplicates",
     "compress_frame",
     "compressors_from_names",
     "decompress_frame",
@@ -66,6 +74,7 @@ __all__ = [
     "encode_op_msg_reply",
     "encode_op_query",
     "encode_op_reply",
+    "find_duplicate_key",
     "must_not_compress",
     "parse_header",
     "parse_op_msg",

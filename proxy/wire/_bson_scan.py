@@ -15,6 +15,8 @@ from proxy.wire._decode import INT32, MIN_DOCUMENT_SIZE, decode_utf8
 from proxy.wire.errors import ProtocolError
 
 STRING = 0x02
+EMBEDDED_DOCUMENT = 0x03
+ARRAY = 0x04
 
 # Value sizes of the types whose values have a fixed width: double, undefined,
 # ObjectId, bool, UTC datetime, null, int32, timestamp, int64, decimal128,
@@ -33,6 +35,11 @@ _FIXED_SIZES = {
     0xFF: 0,
     0x7F: 0,
 }
+
+# The same sizes in a list indexed by type byte, with -1 for every type whose
+# value size must be read from the value. Indexing a list is the cheapest
+# lookup for a loop that runs once per element of a whole document.
+VALUE_SIZE_BY_TYPE = [_FIXED_SIZES.get(type_byte, -1) for type_byte in range(256)]
 
 # string, JavaScript code and symbol: int32 byte count (terminating zero
 # included), then the bytes.

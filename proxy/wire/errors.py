@@ -17,3 +17,16 @@ class ProtocolError(Exception):
             message = f"{message} (at byte {offset})"
         super().__init__(message)
         self.offset = offset
+
+
+class RepeatedCommandField(ProtocolError):
+    """The command body repeats its name, `$db`, or the `collection` of a getMore.
+
+    Unlike other protocol errors, the byte stream is intact, so the session
+    answers with an error reply and keeps the connection. ``field`` is the
+    repeated name.
+    """
+
+    def __init__(self, field: str, offset: int) -> None:
+        super().__init__(f"body field {field!r} appears twice", offset)
+        self.field = field

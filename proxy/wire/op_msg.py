@@ -33,7 +33,7 @@ from proxy.wire._decode import (
     read_uint32,
 )
 from proxy.wire.bson_options import CODEC_OPTIONS
-from proxy.wire.errors import ProtocolError
+from proxy.wire.errors import ProtocolError, RepeatedCommandField
 from proxy.wire.header import HEADER_SIZE, OpCode, check_frame, encode_header
 
 CHECKSUM_PRESENT = 1 << 0
@@ -150,8 +150,8 @@ def peek_op_msg(frame: bytes) -> CommandPeek:
     verify the checksum or decode document sequences, so the server still
     validates those in a frame forwarded unchanged. A body key that repeats
     the command name, ``$db``, or ``collection`` of a getMore raises
-    ProtocolError, because the proxy and the server might otherwise act on
-    different copies. An empty body gives the name "".
+    RepeatedCommandField (a ProtocolError), because the proxy and the server
+    might otherwise act on different copies. An empty body gives the name "".
     """
     flag_bits = _check_prefix(frame)
     sections = _find_sections(frame, flag_bits)
@@ -288,8 +288,7 @@ def _peek_body(frame: bytes, sections: _Sections, flag_bits: int) -> CommandPeek
         if key not in watched:
             continue
         if key in seen:
-            field = key.decode("utf-8", "replace")
-            raise ProtocolError(f"body field {field!r} appears twice", key_offset)
+            raise RepeatedCommandField(key.decode("utf-8", "replace"), key_offset)
         seen.add(key)
 
         if type_byte != STRING:
