@@ -16,7 +16,8 @@ from proxy.crypto.key_vault import KeyVault
 from proxy.crypto.keyring import KeyRing
 from proxy.crypto.master_key import load_local_master_key
 from proxy.policy import Policy, load_policy
-from proxy.server.upstream import UpstreamAddress, parse_upstream
+from proxy.server.topology import SuspectServers, UpstreamRoute, upstream_route
+from proxy.server.upstream import Upstream, parse_upstream
 from proxy.session.compression import DEFAULT_COMPRESSORS
 from proxy.session.connection import ClientSession, ProxyState
 from proxy.session.keys import KeyService
@@ -38,11 +39,16 @@ class ServeConfig:
     compressors: tuple[str, ...] = DEFAULT_COMPRESSORS   # offered to clients, in order of preference
 
 
-def open_key_vault(policy: Policy, upstream_uri: str) -> tuple[AsyncMongoClient, KeyVault]:
+def open_key_vault(policy: Policy, upstream_uri: str, *,
+                   server_selector: SuspectServers | None = None,
+                   ) -> tuple[AsyncMongoClient, KeyVault]:
     """Connect the proxy's own client to the key vault named by the policy.
 
     The credentials in `upstream_uri` are the proxy's service account; client
-    connections authenticate on their own and never use them.
+    connections authenticate on their own and never use them. The proxy also
+    looks up the current primary through this client, and `server_selector`
+    hides the servers that client connections saw fail (see
+    `proxy.server.topology`).
     """
     master_key = load_local_master_key(policy.master_key_file)
     client = AsyncMongoClient(
@@ -53,6 +59,7 @@ def open_key_vault(policy: Policy, upstream_uri: str) -> tuple[AsyncMongoClient,
         timeoutMS=KEY_VAULT_TIMEOUT_MS,
         uuidRepresentation="standard",
         appname="mongoveil-key-vault",
+        server_selector=server_selector,
     )
     database, collection = policy.key_vault.split(".", 1)
     codec = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
@@ -66,8 +73,11 @@ class ProxyServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.policy = load_policy(config.policy_path)
-        self.upstream: UpstreamAddress = parse_upstream(config.upstream_uri)
-        self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri)
+        self.upstream: Upstream = parse_upstream(config.upstream_uri)
+        suspects = SuspectServers()
+        self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri,
+                                                   server_selector=suspects)
+        self.route: UpstreamRoute = upstream_route(self.upstream, self._mongo_client, suspects)
         self.keys = KeyService(vault, KeyRing())
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[ClientSession, asyncio.Task] = {}
@@ -90,8 +100,8 @@ class ProxyServer:
         # Unprotected traffic is served at once; a command that needs a key
         # before the preload finished loads that key itself.
         self._preload = asyncio.create_task(self._preload_keys(), name="preload-data-keys")
-        log.info("mongoveil listening on %s:%d, upstream %s:%d, policy %s",
-                 self.config.listen_host, self.port, self.upstream.host, self.upstream.port,
+        log.info("mongoveil listening on %s:%d, upstream %s, policy %s",
+                 self.config.listen_host, self.port, self.upstream.describe(),
                  self.config.policy_path)
 
     async def _preload_keys(self) -> None:
@@ -129,8 +139,7 @@ class ProxyServer:
         state = ProxyState(
             policy=self.policy,
             keys=self.keys,
-            upstream_host=self.upstream.host,
-            upstream_port=self.upstream.port,
+            upstream=self.route,
             advertised_address=self.config.advertise or _dialled_address(writer),
             compressors=self.config.compressors,
         )

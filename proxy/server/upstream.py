@@ -1,10 +1,9 @@
-"""The upstream server a proxy forwards to, taken from a MongoDB connection string."""
+"""The upstream deployment a proxy forwards to, taken from a MongoDB connection string."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
@@ -12,15 +11,45 @@ from pymongo.uri_parser import parse_uri
 
 @dataclass(frozen=True)
 class UpstreamAddress:
+    """One server of the upstream deployment."""
+
     host: str
     port: int
 
+    def __str__(self) -> str:
+        # IPv6 literals need brackets, as in a connection string.
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-def parse_upstream(uri: str) -> UpstreamAddress:
-    """Return the first host of `uri`; raises ValueError for an invalid or unsupported URI.
 
-    TODO: a replica-set URI with several hosts is served from its first host
-    only; following elections needs server monitoring in the proxy.
+@dataclass(frozen=True)
+class Upstream:
+    """The deployment named by `--upstream`.
+
+    `direct` means the proxy connects every client to `seeds[0]` itself.
+    Otherwise it connects each client to the primary (or a mongos) that
+    pymongo's server monitoring finds from the seeds.
+    """
+
+    seeds: tuple[UpstreamAddress, ...]
+    replica_set: str | None
+    direct: bool
+
+    def describe(self) -> str:
+        """Return the deployment for log lines, without credentials."""
+        seeds = ",".join(str(seed) for seed in self.seeds)
+        if self.direct:
+            return seeds
+        if self.replica_set:
+            return f"replica set {self.replica_set} (seeds {seeds})"
+        return f"the primary or a mongos of {seeds}"
+
+
+def parse_upstream(uri: str) -> Upstream:
+    """Parse `--upstream`; raises ValueError for an invalid or unsupported URI.
+
+    A single host without `replicaSet` is used directly, as a driver with
+    `directConnection=true` would, unless the URI sets `directConnection=false`.
+    A `replicaSet` option or several hosts turn on server discovery.
     """
     if uri.startswith("mongodb+srv://"):
         raise ValueError("--upstream: mongodb+srv:// connection strings are not supported yet; "
@@ -31,11 +60,19 @@ def parse_upstream(uri: str) -> UpstreamAddress:
         raise ValueError(f"invalid --upstream connection string: {_without_credentials(str(error))}"
                          ) from None
 
-    if parsed["options"].get("tls"):
+    options = parsed["options"]
+    if options.get("tls"):
         raise ValueError("TLS to the upstream server is not supported yet; use a tls=false URI")
 
-    host, port = parsed["nodelist"][0]
-    return UpstreamAddress(host, port)
+    seeds = tuple(UpstreamAddress(host, port) for host, port in parsed["nodelist"])
+    replica_set = options.get("replicaSet")
+    direct_option = options.get("directConnection")
+    if direct_option is None:
+        direct = len(seeds) == 1 and replica_set is None
+    else:
+        # pymongo has already rejected directConnection=true with several hosts.
+        direct = direct_option
+    return Upstream(seeds, replica_set, direct)
 
 
 def _without_credentials(message: str) -> str:

@@ -23,6 +23,13 @@ therefore handles one request at a time, in order:
 5. When an authentication step succeeds, the pump asks the server
    `connectionStatus` on the same upstream connection and maps the answer to
    policy roles, before the client can send its next request.
+6. With a replica-set upstream, the connection goes to the primary that the
+   route selects when it opens, and stays there. A reply with a not-primary
+   error is forwarded and then the connection is closed. A `hello` reply from
+   a server that is no longer the primary is not forwarded, and the
+   connection is closed at once. The driver reconnects, authenticates again
+   and reaches the new primary (see `proxy.server.topology`). The proxy never
+   answers a write on its own, so no acknowledged write is lost.
 
 A malformed frame from either side closes this connection pair after a log
 line; other connections are not affected.
@@ -39,6 +46,14 @@ from dataclasses import dataclass
 from proxy.crypto.errors import KeyNotLoaded
 from proxy.policy import Policy
 from proxy.rewrite import CommandError, RewriteContext, needs_rewrite, reveal_reply, rewrite_request
+from proxy.server.topology import (
+    NoPrimaryError,
+    UpstreamRoute,
+    hello_not_primary,
+    not_primary_code,
+    reply_not_primary_code,
+)
+from proxy.server.upstream import UpstreamAddress
 from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
 from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
 from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
@@ -53,6 +68,9 @@ from proxy.session.identity import (
 from proxy.session.keys import KeyService
 from proxy.wire import (
     CHECKSUM_PRESENT,
+    DuplicateKeyInCommand,
+    RepeatedCommandField,
+    check_op_msg_duplicates,
     EXHAUST_ALLOWED,
     CompressorId,
     MORE_TO_COME,
@@ -83,6 +101,13 @@ _PROXY_REQUEST_IDS = itertools.count(0x7F00_0000)
 
 _connection_ids = itertools.count(1)
 
+# Documents may nest 100 levels; the command around them adds a few more.
+_MAX_COMMAND_DEPTH = 110
+
+# How long a client that connected while no primary was available may take
+# to send its first request, which gets an error reply.
+_FIRST_REQUEST_TIMEOUT_SECONDS = 5.0
+
 # MongoDB's maxBsonObjectSize, used until the handshake reply states it.
 DEFAULT_MAX_BSON_SIZE = 16 * 1024 * 1024
 
@@ -107,14 +132,21 @@ class ConnectionClosed(Exception):
     """The peer closed its side of the connection."""
 
 
+class UpstreamClosed(ConnectionClosed):
+    """The upstream server closed its side of the connection."""
+
+
+class UpstreamNotPrimary(Exception):
+    """The upstream server stopped being the primary; the message names the evidence."""
+
+
 @dataclass
 class ProxyState:
     """What every connection of one proxy process shares."""
 
     policy: Policy
     keys: KeyService
-    upstream_host: str
-    upstream_port: int
+    upstream: UpstreamRoute
     advertised_address: str
     compressors: tuple[str, ...] = DEFAULT_COMPRESSORS
 
@@ -143,6 +175,7 @@ class ClientSession:
         self.client_writer = client_writer
         self.client_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
         self.upstream_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
+        self.upstream_address: UpstreamAddress | None = None
         self.upstream_reader: asyncio.StreamReader | None = None
         self.upstream_writer: asyncio.StreamWriter | None = None
         self.compression = LegCompression(state.compressors)
@@ -160,6 +193,15 @@ class ClientSession:
             while True:
                 frame = await self._read_frame(self.client_reader, self.client_frames)
                 await self._handle_request(frame)
+        except UpstreamNotPrimary as error:
+            self.state.upstream.mark_suspect(self.upstream_address)
+            log.warning("conn %d from %s: upstream %s %s; closing the connection so that the "
+                        "client reconnects to the new primary", self.id, self.peer,
+                        self.upstream_address, error)
+        except UpstreamClosed:
+            self.state.upstream.mark_suspect(self.upstream_address)
+            log.warning("conn %d from %s: upstream %s closed the connection; closing the client "
+                        "connection", self.id, self.peer, self.upstream_address)
         except ConnectionClosed:
             pass
         except ProtocolError as error:
@@ -188,13 +230,47 @@ class ClientSession:
 
     async def _connect_upstream(self) -> None:
         try:
+            self.upstream_address = await self.state.upstream.select()
+        except NoPrimaryError as error:
+            log.error("conn %d from %s: %s; replying HostUnreachable to the first request "
+                      "and closing the connection", self.id, self.peer, error)
+            await self._reject_first_request(CommandError(
+                6, "HostUnreachable",
+                "mongoveil found no primary in its upstream deployment (an election may be in "
+                "progress, or the servers are down); retry later",
+            ))
+            raise ConnectionClosed from error
+
+        address = self.upstream_address
+        try:
             self.upstream_reader, self.upstream_writer = await asyncio.open_connection(
-                self.state.upstream_host, self.state.upstream_port
+                address.host, address.port
             )
         except OSError as error:
-            log.error("conn %d from %s: cannot connect upstream to %s:%d: %s", self.id, self.peer,
-                      self.state.upstream_host, self.state.upstream_port, error)
+            log.error("conn %d from %s: cannot connect upstream to %s: %s", self.id, self.peer,
+                      address, error)
             raise ConnectionClosed from error
+        log.debug("conn %d from %s: connected upstream to %s", self.id, self.peer, address)
+
+    async def _reject_first_request(self, error: CommandError) -> None:
+        """Reply to the client's first request with `error`, so the driver reports why it failed."""
+        try:
+            frame = await asyncio.wait_for(
+                self._read_frame(self.client_reader, self.client_frames),
+                _FIRST_REQUEST_TIMEOUT_SECONDS)
+        except (asyncio.TimeoutError, ConnectionClosed, ProtocolError):
+            return
+
+        # Compression is not negotiated yet, so the frame is OP_MSG or the
+        # legacy OP_QUERY handshake; anything else only gets the close.
+        header = parse_header(frame)
+        if header.op_code == OpCode.MSG:
+            await self._reply_to_client(header.request_id, error.to_reply())
+        elif header.op_code == OpCode.QUERY:
+            await self._send_to_client(encode_op_reply(
+                [error.to_reply()], response_to=header.request_id,
+                request_id=next(_PROXY_REQUEST_IDS), flags=_QUERY_FAILURE,
+            ))
 
     async def _close(self) -> None:
         for writer in (self.client_writer, self.upstream_writer):
@@ -213,7 +289,7 @@ class ClientSession:
                 return frame
             data = await reader.read(65536)
             if not data:
-                raise ConnectionClosed
+                raise UpstreamClosed if reader is self.upstream_reader else ConnectionClosed
             frames.feed(data)
 
     # -- requests ---------------------------------------------------------
@@ -232,7 +308,17 @@ class ClientSession:
 
     async def _handle_op_msg(self, frame: bytes, wire_frame: bytes,
                              compressor: CompressorId | None) -> None:
-        peek = peek_op_msg(frame)
+        try:
+            peek = peek_op_msg(frame)
+        except RepeatedCommandField as error:
+            log.info("conn %d from %s: rejected a command: %s", self.id, self.peer, error)
+            await self._reply_to_client(parse_header(frame).request_id, {
+                "ok": 0.0, "code": DuplicateKeyInCommand.code,
+                "codeName": DuplicateKeyInCommand.code_name,
+                "errmsg": f"duplicate key {error.field!r} in the command body. A command must not "
+                          "repeat a field name, so remove the repeated field.",
+            })
+            return
         if peek.flag_bits & CHECKSUM_PRESENT:
             # Checked here even for frames forwarded unchanged: a server that
             # skips the check would otherwise act on a corrupted command.
@@ -270,6 +356,15 @@ class ClientSession:
     async def _prepare_op_msg(self, frame: bytes, plan: _Plan) -> bytes | None:
         """Return the frame to send upstream, or None after replying to the client directly."""
         header = parse_header(frame)
+        try:
+            # bson.decode keeps the last of two equal names while a server may
+            # act on the first, so a repeated name is rejected before decoding.
+            check_op_msg_duplicates(frame, max_depth=_MAX_COMMAND_DEPTH)
+        except DuplicateKeyInCommand as error:
+            log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
+            await self._reply_to_client(header.request_id, {
+                "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
+            return None
         message = parse_op_msg(frame)
 
         if plan.handshake:
@@ -336,6 +431,8 @@ class ClientSession:
         reply_frame = encode_op_msg_reply(merged, response_to=request_id,
                                           request_id=next(_PROXY_REQUEST_IDS))
         await self._send_to_client(await self._reveal(reply_frame))
+        for reply in replies:
+            self._check_still_primary(not_primary_code(reply))
 
     async def _rewrite_with_keys(self, frame: bytes) -> OpMsg:
         """Rewrite a command, loading the data keys it needs; raises CommandError to reject."""
@@ -411,6 +508,7 @@ class ClientSession:
         reply_header = parse_header(reply_frame)
         reply = parse_op_reply(reply_frame)
         if reply.documents:
+            self._check_hello_from_primary(reply.documents[0])
             self._note_limits(reply.documents[0])
             rewrite_hello_reply(reply.documents[0], self.state.advertised_address)
             self.compression.negotiate(query.query, reply.documents[0])
@@ -421,6 +519,8 @@ class ClientSession:
             request_id=reply_header.request_id, cursor_id=reply.cursor_id,
             flags=reply.response_flags, starting_from=reply.starting_from,
         ))
+        if reply.documents:
+            self._check_still_primary(not_primary_code(reply.documents[0]))
 
     # -- replies ----------------------------------------------------------
 
@@ -433,7 +533,10 @@ class ClientSession:
         """
         while True:
             wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
-            if plan is None and not exhaust and _compressed_with(wire_frame, client_target):
+            # A replica-set upstream's replies are decompressed to look for
+            # not-primary errors, so they skip this shortcut.
+            if (plan is None and not exhaust and not self.state.upstream.follows_elections
+                    and _compressed_with(wire_frame, client_target)):
                 await self._send_to_client(wire_frame)
                 return
 
@@ -448,6 +551,8 @@ class ClientSession:
             await self._send_to_client(
                 encode_for_leg(to_send, wire_frame, arrived, client_target,
                                changed=to_send is not frame))
+            if self.state.upstream.follows_elections:
+                self._check_still_primary(reply_not_primary_code(frame))
 
             if not more_to_come:
                 return
@@ -456,6 +561,7 @@ class ClientSession:
         header = parse_header(frame)
         if plan.handshake:
             message = parse_op_msg(frame)
+            self._check_hello_from_primary(message.body)
             self._note_limits(message.body)
             rewrite_hello_reply(message.body, self.state.advertised_address)
             self.compression.negotiate(plan.hello_command or {}, message.body)
@@ -489,6 +595,20 @@ class ClientSession:
                     log.error("conn %d from %s: cannot load data key %s; returning ciphertext: %s",
                               self.id, self.peer, missing.key_id, type(error).__name__)
                     return frame
+
+    def _check_still_primary(self, error_code: int | None) -> None:
+        """Raise UpstreamNotPrimary for a not-primary error code from a replica-set upstream."""
+        if error_code is not None and self.state.upstream.follows_elections:
+            raise UpstreamNotPrimary(f"replied with not-primary error code {error_code}")
+
+    def _check_hello_from_primary(self, hello_reply: dict) -> None:
+        """Raise UpstreamNotPrimary when a replica-set upstream's hello reply marks it not writable.
+
+        The reply is not forwarded: the client would see the proxy as a
+        secondary, and its monitoring connection would stay on that server.
+        """
+        if self.state.upstream.follows_elections and hello_not_primary(hello_reply):
+            raise UpstreamNotPrimary("is no longer the primary (hello reply)")
 
     def _note_limits(self, hello_reply: dict) -> None:
         """Adopt the server's size limits for both directions."""
