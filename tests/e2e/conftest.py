@@ -36,7 +36,7 @@ EXAMPLE_POLICY = REPO / "policies" / "healthcare.yaml"
 # plus one spare namespace per test module that wants a clean collection.
 TEST_NAMESPACES = ("clinic.patients", "clinic.patients_rw", "clinic.patients_sample",
                    "clinic.patients_async", "clinic.patients_interop",
-                   "clinic.patients_views", "clinic.patients_reject")
+                   "clinic.patients_views", "clinic.patients_reject", "clinic.patients_clients")
 
 
 @dataclass
