@@ -57,7 +57,7 @@ from proxy.server.upstream import UpstreamAddress
 from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
 from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
 from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
-from proxy.session.handshake import HANDSHAKE_COMMANDS, rewrite_hello_reply
+from proxy.session.handshake import BSON_SIZE_HEADROOM, HANDSHAKE_COMMANDS, rewrite_hello_reply
 from proxy.session.identity import (
     AUTH_COMMANDS,
     CONNECTION_STATUS_COMMAND,
@@ -510,7 +510,8 @@ class ClientSession:
         if reply.documents:
             self._check_hello_from_primary(reply.documents[0])
             self._note_limits(reply.documents[0])
-            rewrite_hello_reply(reply.documents[0], self.state.advertised_address)
+            rewrite_hello_reply(reply.documents[0], self.state.advertised_address,
+                                self._bson_size_headroom())
             self.compression.negotiate(query.query, reply.documents[0])
             if auth_finished(command_name, reply.documents[0]):
                 await self._refresh_identity()
@@ -563,7 +564,8 @@ class ClientSession:
             message = parse_op_msg(frame)
             self._check_hello_from_primary(message.body)
             self._note_limits(message.body)
-            rewrite_hello_reply(message.body, self.state.advertised_address)
+            rewrite_hello_reply(message.body, self.state.advertised_address,
+                                self._bson_size_headroom())
             self.compression.negotiate(plan.hello_command or {}, message.body)
             if plan.auth and auth_finished(plan.command_name, message.body):
                 await self._refresh_identity()
@@ -643,6 +645,10 @@ class ClientSession:
         self.context = self._new_context()
         log.info("conn %d from %s: authenticated as %s, policy roles %s", self.id, self.peer,
                  self.identity.describe(), sorted(policy_roles) or "none")
+
+    def _bson_size_headroom(self) -> int:
+        """Return the room to leave for encryption; none when no collection is protected."""
+        return BSON_SIZE_HEADROOM if self.state.policy.collections else 0
 
     def _default_roles(self) -> frozenset[str]:
         default = self.state.policy.default_role

@@ -33,6 +33,7 @@ from pymongo import MongoClient, monitoring
 
 from proxy.crypto.master_key import create_local_master_key_file
 from proxy.demo.secantus import free_port
+from proxy.session.handshake import BSON_SIZE_HEADROOM
 from proxy.demo.users import CLINICIAN, SERVICE, DemoUser
 from proxy.wire import FrameReader, encode_op_msg, parse_op_msg
 from proxy.wire import OpMsg as WireOpMsg
@@ -235,8 +236,10 @@ def test_secantus_hello_names_only_proxy(deployment, secantus_proxy):
     assert through_proxy["primary"] == secantus_proxy
     assert deployment.server.address not in repr(through_proxy)
     for field in ("setName", "minWireVersion", "maxWireVersion", "logicalSessionTimeoutMinutes",
-                  "maxBsonObjectSize", "maxMessageSizeBytes", "maxWriteBatchSize"):
+                  "maxMessageSizeBytes", "maxWriteBatchSize"):
         assert through_proxy[field] == direct[field], field
+    # The proxy leaves room for encryption to grow a document.
+    assert through_proxy["maxBsonObjectSize"] == direct["maxBsonObjectSize"] - BSON_SIZE_HEADROOM
 
 
 # -- a replica set of three mocks --------------------------------------------------------

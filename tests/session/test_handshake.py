@@ -105,3 +105,17 @@ def test_rewrite_hello_ipv6_address():
 
     assert reply["hosts"] == ["[::1]:27117"]
     assert reply["me"] == "[::1]:27117"
+
+
+def test_rewrite_hello_leaves_headroom():
+    reply = rewrite_hello_reply({"maxBsonObjectSize": 16 * 1024 * 1024, "ok": 1.0}, PROXY,
+                                bson_size_headroom=512 * 1024)
+
+    assert reply["maxBsonObjectSize"] == 16 * 1024 * 1024 - 512 * 1024
+
+
+def test_rewrite_hello_headroom_skips_small_limit():
+    reply = rewrite_hello_reply({"maxBsonObjectSize": 1024, "ok": 1.0}, PROXY,
+                                bson_size_headroom=512 * 1024)
+
+    assert reply["maxBsonObjectSize"] == 1024
