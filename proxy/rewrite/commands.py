@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from proxy.wire.op_msg import DocumentSequence
 
+from .aggregate import rewrite_aggregate_pipeline
 from .context import Scope
 from .encrypt_fields import encrypt_document
 from .errors import bad_value
@@ -95,21 +96,15 @@ def rewrite_find_and_modify(body: dict, sequences: list[DocumentSequence], scope
 
 
 def rewrite_aggregate(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:
-    """Rewrite the filter of a $match that is the first stage of the pipeline."""
+    """Rewrite every stage of an aggregate's pipeline (see `aggregate`).
+
+    Unlike the other commands, this one also runs on unprotected namespaces, because a
+    pipeline can read or write protected collections from anywhere.
+    """
     pipeline = body.get("pipeline")
     if type(pipeline) is not list:
         raise bad_value(f"'pipeline' of an aggregate on {scope.namespace} must be an array")
-    if not pipeline or type(pipeline[0]) is not dict or list(pipeline[0]) != ["$match"]:
-        return
-
-    # TODO: the other stages ($match after the first stage, $group, $lookup, ...) pass
-    # unchecked, so a later $match on a protected field sends its value in clear.
-    match_filter = pipeline[0]["$match"]
-    if type(match_filter) is not dict:
-        raise bad_value(f"$match of an aggregate on {scope.namespace} must be a document")
-    rewritten = rewrite_filter(match_filter, scope)
-    if rewritten is not match_filter:
-        pipeline[0] = {"$match": rewritten}
+    rewrite_aggregate_pipeline(pipeline, scope)
 
 
 def _statements(

@@ -13,11 +13,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Scope:
-    """One protected namespace ("db.coll") with its policy and the key ring to encrypt with."""
+    """One namespace ("db.coll") with its collection policy and the key ring to encrypt with.
+
+    `policy` is the whole policy, which an aggregation needs for the other collections
+    that its stages read or write ($lookup, $unionWith, $out, ...).
+    """
 
     namespace: str
     collection: CollectionPolicy
     keys: KeyRing
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -38,4 +43,4 @@ class RewriteContext:
         collection = self.policy.collection(namespace)
         if collection is None:
             return None
-        return Scope(namespace, collection, self.keys)
+        return Scope(namespace, collection, self.keys, self.policy)

@@ -22,15 +22,19 @@ case) no longer match on a deterministic field. NOTE: such queries return
 fewer documents than on plaintext instead of being rejected.
 
 A filter is walked key by key. Keys that start with "$" are top-level operators, and
-$and, $or and $nor among them are walked recursively. $expr, $where and $jsonSchema are
-rejected outright on a protected collection. An expression or a schema can name a field in
-ways that cannot be checked reliably, for example with $getField and a computed name. Every other
-key is a field path, related to the protected fields by `paths.match_path`. The output
+$and, $or and $nor among them are walked recursively. $where and $jsonSchema are rejected
+outright on a protected collection, and so is $expr unless the caller passes a check for
+it: an aggregation $match passes one that analyzes the expression's field references.
+An expression or a schema can name a field in ways that cannot be checked reliably, for
+example with $getField and a computed name. Every other key is a field path, related to
+the protected fields by `paths.match_path`. The output
 keeps the key order, and a part of the filter that needs no change is returned as the same
 object.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from proxy.crypto.errors import EncryptionError
 from proxy.policy.model import FieldRule
@@ -59,19 +63,26 @@ EXPRESSION_OPERATORS = {
 CONTAINER_OPERATORS = frozenset({"$exists", "$size", "$type"})
 
 
-def rewrite_filter(filter_doc: dict, scope: Scope, prefix: str = "") -> dict:
+ExpressionCheck = Callable[[object], None]
+
+
+def rewrite_filter(
+    filter_doc: dict, scope: Scope, prefix: str = "", check_expression: ExpressionCheck | None = None
+) -> dict:
     """Return the filter to send to the server in place of `filter_doc`.
 
     `prefix` is prepended to every field path. It is set when the filter is the inner
-    filter of an $elemMatch on the array at that path. Raises CommandError (BadValue) for
-    a predicate that cannot work on ciphertext and KeyNotLoaded when the key of a class
-    is not in the key ring. Returns `filter_doc` itself when nothing changes.
+    filter of an $elemMatch on the array at that path. `check_expression`, when given, is
+    called with the operand of every $expr, which is then kept unchanged; without it $expr
+    is rejected. Raises CommandError (BadValue) for a predicate that cannot work on
+    ciphertext and KeyNotLoaded when the key of a class is not in the key ring. Returns
+    `filter_doc` itself when nothing changes.
     """
     result = {}
     changed = False
     for key, predicate in filter_doc.items():
         if key.startswith("$"):
-            rewritten = _rewrite_top_level(key, predicate, scope, prefix)
+            rewritten = _rewrite_top_level(key, predicate, scope, prefix, check_expression)
         else:
             rewritten = _rewrite_field(prefix + key, predicate, scope)
         result[key] = rewritten
@@ -86,10 +97,15 @@ def is_operator_document(value: object) -> bool:
     return next(iter(value)).startswith("$")
 
 
-def _rewrite_top_level(operator: str, operand: object, scope: Scope, prefix: str) -> object:
+def _rewrite_top_level(
+    operator: str, operand: object, scope: Scope, prefix: str, check_expression: ExpressionCheck | None
+) -> object:
     if operator in LOGICAL_OPERATORS:
-        return _rewrite_clauses(operator, operand, scope, prefix)
+        return _rewrite_clauses(operator, operand, scope, prefix, check_expression)
     if operator in PASSTHROUGH_OPERATORS:
+        return operand
+    if operator == "$expr" and check_expression is not None:
+        check_expression(operand)
         return operand
     if operator in EXPRESSION_OPERATORS:
         raise bad_value(
@@ -104,11 +120,13 @@ def _rewrite_top_level(operator: str, operand: object, scope: Scope, prefix: str
     )
 
 
-def _rewrite_clauses(operator: str, clauses: object, scope: Scope, prefix: str) -> list:
+def _rewrite_clauses(
+    operator: str, clauses: object, scope: Scope, prefix: str, check_expression: ExpressionCheck | None
+) -> list:
     if type(clauses) is not list or not all(type(clause) is dict for clause in clauses):
         raise bad_value(f"{operator} in a filter on {scope.namespace} must be an array of documents")
 
-    rewritten = [rewrite_filter(clause, scope, prefix) for clause in clauses]
+    rewritten = [rewrite_filter(clause, scope, prefix, check_expression) for clause in clauses]
     if all(new is old for new, old in zip(rewritten, clauses)):
         return clauses
     return rewritten

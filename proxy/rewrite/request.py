@@ -1,15 +1,20 @@
 """Turn a command from a client into the command to send to the server.
 
 Only the commands listed in `REQUEST_HANDLERS` are rewritten, and only on a namespace
-that the policy protects. Every other command passes through unchanged.
+that the policy protects, except aggregate, which is analyzed on every namespace. Every
+other command passes through unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from bson import Int64
+
+from proxy.policy.model import CollectionPolicy
 from proxy.wire.op_msg import DocumentSequence
 
+from .change_streams import DATABASE_AGGREGATE
 from .commands import (
     rewrite_aggregate,
     rewrite_count,
@@ -91,9 +96,31 @@ def _rewrite_command(
 ) -> None:
     handler = REQUEST_HANDLERS.get(name)
     collection = body[name]
-    if handler is None or type(database) is not str or type(collection) is not str:
+    if handler is None or type(database) is not str:
         return
 
-    scope = ctx.scope(f"{database}.{collection}")
+    if name == "aggregate":
+        scope = _aggregate_scope(collection, database, ctx)
+    elif type(collection) is str:
+        scope = ctx.scope(f"{database}.{collection}")
+    else:
+        scope = None
     if scope is not None:
         handler(body, sequences, scope)
+
+
+def _aggregate_scope(collection: object, database: str, ctx: RewriteContext) -> Scope | None:
+    # Every aggregate is analyzed, also on an unprotected collection or on the whole
+    # database ({aggregate: 1}), because $lookup, $unionWith, $out and change streams
+    # reach protected collections from there.
+    if type(collection) is str:
+        namespace = f"{database}.{collection}"
+    elif type(collection) in (int, float, Int64) and collection == 1:
+        namespace = f"{database}{DATABASE_AGGREGATE}"
+    else:
+        return None
+
+    scope = ctx.scope(namespace)
+    if scope is not None:
+        return scope
+    return Scope(namespace, CollectionPolicy(namespace, {}), ctx.keys, ctx.policy)

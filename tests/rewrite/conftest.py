@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from pathlib import Path
@@ -12,27 +13,44 @@ from proxy.crypto.cipher import Algorithm
 from proxy.crypto.data_key import DataKey, class_alt_name
 from proxy.crypto.keyring import KeyRing
 from proxy.policy import Policy, View, parse_policy
+from proxy.rewrite.aggregate import rewrite_aggregate_pipeline, rewrite_pipeline
 from proxy.rewrite.context import RewriteContext, Scope
+from proxy.rewrite.errors import CommandError
+from proxy.rewrite.pipeline_context import PipelineContext
+from proxy.rewrite.tracking import Tracking
 
 NAMESPACE = "clinic.patients"
 CLASSES = ("identity", "clinical", "billing")
+
+# A collection that protects ssn like clinic.patients, but mrn and notes with other classes.
+CLAIMS_NAMESPACE = "clinic.claims"
+# A collection with exactly the fields of clinic.patients.
+ARCHIVE_NAMESPACE = "clinic.archive"
+
+PATIENT_FIELDS = {
+    "ssn": {"class": "identity", "algorithm": "deterministic"},
+    "mrn": {"class": "identity", "algorithm": "deterministic"},
+    "contact.phone": {"class": "identity", "algorithm": "deterministic"},
+    "insurance.member.id": {"class": "billing", "algorithm": "deterministic"},
+    "address": {"class": "identity"},
+    "notes": {"class": "clinical"},
+    "allergies": {"class": "clinical"},
+}
 
 POLICY_DATA = {
     "keys": {"master_key_file": "master.key"},
     "classes": list(CLASSES),
     "views": {"mask": {"keep_last": 4}},
     "collections": {
-        NAMESPACE: {
+        NAMESPACE: {"fields": PATIENT_FIELDS},
+        CLAIMS_NAMESPACE: {
             "fields": {
                 "ssn": {"class": "identity", "algorithm": "deterministic"},
-                "mrn": {"class": "identity", "algorithm": "deterministic"},
-                "contact.phone": {"class": "identity", "algorithm": "deterministic"},
-                "insurance.member.id": {"class": "billing", "algorithm": "deterministic"},
-                "address": {"class": "identity"},
-                "notes": {"class": "clinical"},
-                "allergies": {"class": "clinical"},
+                "mrn": {"class": "billing", "algorithm": "deterministic"},
+                "notes": {"class": "billing"},
             }
-        }
+        },
+        ARCHIVE_NAMESPACE: {"fields": PATIENT_FIELDS},
     },
     "roles": {
         "doctor": {"identity": "clear", "clinical": "clear", "billing": "clear"},
@@ -91,4 +109,30 @@ def ctx(policy: Policy, ring: KeyRing) -> RewriteContext:
 def scope(policy: Policy, ring: KeyRing) -> Scope:
     collection = policy.collection(NAMESPACE)
     assert collection is not None
-    return Scope(NAMESPACE, collection, ring)
+    return Scope(NAMESPACE, collection, ring, policy)
+
+
+def rewritten_pipeline(pipeline: list, scope: Scope) -> list:
+    """Return a rewritten copy of `pipeline`, run as an aggregate on the scope's namespace."""
+    stages = copy.deepcopy(pipeline)
+    rewrite_aggregate_pipeline(stages, scope)
+    return stages
+
+
+def rejection(pipeline: list, scope: Scope) -> str:
+    """Return the message with which the rewrite of `pipeline` is rejected as BadValue."""
+    with pytest.raises(CommandError) as caught:
+        rewrite_aggregate_pipeline(copy.deepcopy(pipeline), scope)
+    assert caught.value.code == 2
+    return caught.value.message
+
+
+@pytest.fixture
+def pipeline_context(policy: Policy, ring: KeyRing) -> PipelineContext:
+    return PipelineContext(NAMESPACE, "clinic", policy, ring, rewrite_pipeline)
+
+
+@pytest.fixture
+def patients() -> Tracking:
+    """The tracking of the documents of clinic.patients as stored."""
+    return Tracking.of_collection(build_policy().collection(NAMESPACE))

@@ -241,15 +241,14 @@ def test_find_and_modify_rejected(options: dict, scope: Scope) -> None:
         rewrite_find_and_modify({"findAndModify": "patients", "query": {}, **options}, [], scope)
 
 
-def test_aggregate_first_match(scope: Scope, ring: KeyRing) -> None:
-    later = {"$match": {"ssn": "b"}}
-    body = {"aggregate": "patients", "pipeline": [{"$match": {"ssn": "a"}}, {"$limit": 1}, later], "cursor": {}}
+def test_aggregate_every_match(scope: Scope, ring: KeyRing) -> None:
+    body = {"aggregate": "patients", "pipeline": [{"$match": {"ssn": "a"}}, {"$limit": 1}, {"$match": {"ssn": "b"}}], "cursor": {}}
 
     rewrite_aggregate(body, [], scope)
 
     assert body["pipeline"][0] == {"$match": {"ssn": deterministic(ring, "a")}}
-    assert body["pipeline"][2] is later
-    assert later == {"$match": {"ssn": "b"}}
+    assert body["pipeline"][1] == {"$limit": 1}
+    assert body["pipeline"][2] == {"$match": {"ssn": deterministic(ring, "b")}}
 
 
 def test_aggregate_first_match_rejected(scope: Scope) -> None:
@@ -257,12 +256,12 @@ def test_aggregate_first_match_rejected(scope: Scope) -> None:
         rewrite_aggregate({"aggregate": "patients", "pipeline": [{"$match": {"ssn": {"$gt": 1}}}]}, [], scope)
 
 
-def test_aggregate_other_first_stage(scope: Scope) -> None:
+def test_aggregate_match_after_sort(scope: Scope, ring: KeyRing) -> None:
     pipeline = [{"$sort": {"age": 1}}, {"$match": {"ssn": "a"}}]
 
     rewrite_aggregate({"aggregate": "patients", "pipeline": pipeline}, [], scope)
 
-    assert pipeline == [{"$sort": {"age": 1}}, {"$match": {"ssn": "a"}}]
+    assert pipeline == [{"$sort": {"age": 1}}, {"$match": {"ssn": deterministic(ring, "a")}}]
 
 
 def test_aggregate_unchanged_stage_same_object(scope: Scope) -> None:

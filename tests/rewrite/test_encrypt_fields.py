@@ -194,9 +194,10 @@ def test_encrypt_dotted_name_unrelated(scope: Scope) -> None:
 
 
 def test_encrypt_missing_class_key() -> None:
-    collection = build_policy().collection(NAMESPACE)
+    policy = build_policy()
+    collection = policy.collection(NAMESPACE)
     assert collection is not None
-    scope = Scope(NAMESPACE, collection, build_ring(("identity", "billing")))
+    scope = Scope(NAMESPACE, collection, build_ring(("identity", "billing")), policy)
 
     with pytest.raises(KeyNotLoaded) as caught:
         encrypt_document(patient(), scope)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from proxy.rewrite.expressions import referenced_paths
+import pytest
+
+from proxy.rewrite.expressions import reference_path, referenced_paths, references
 
 
 def test_references_nested() -> None:
@@ -20,3 +22,21 @@ def test_references_skip_variables() -> None:
 def test_references_scalar() -> None:
     assert list(referenced_paths(1)) == []
     assert list(referenced_paths("$$ROOT")) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("$a.b", "a.b"), ("$$ROOT.a", "a"), ("$$CURRENT", ""), ("$$ROOT", ""), ("$$this.a", None), ("a", None)],
+)
+def test_reference_path_cases(text: str, expected: str | None) -> None:
+    assert reference_path(text) == expected
+
+
+def test_references_with_operators() -> None:
+    expression = {"$concat": ["$a", {"$toUpper": "$b"}], "$literal": "$c", "x": {"$getField": "d"}}
+
+    assert list(references(expression)) == [("a", "$concat"), ("b", "$toUpper"), ("", "$getField")]
+
+
+def test_references_javascript_whole_document() -> None:
+    assert ("", "$function") in list(references({"$function": {"body": "f", "args": []}}))

@@ -227,9 +227,10 @@ def test_filter_parent_names_protected_field(scope: Scope) -> None:
 
 
 def test_filter_missing_key_raises() -> None:
-    collection = build_policy().collection(NAMESPACE)
+    policy = build_policy()
+    collection = policy.collection(NAMESPACE)
     assert collection is not None
-    scope = Scope(NAMESPACE, collection, build_ring(("clinical",)))
+    scope = Scope(NAMESPACE, collection, build_ring(("clinical",)), policy)
 
     with pytest.raises(KeyNotLoaded) as caught:
         rewrite_filter({"ssn": "a"}, scope)

@@ -45,9 +45,10 @@ FIELD_VALUES: dict[str, list[object]] = {
 @functools.cache
 def oracle_scope() -> Scope:
     """Return one scope for all examples; hypothesis rejects function-scoped fixtures."""
-    collection = build_policy().collection(NAMESPACE)
+    policy = build_policy()
+    collection = policy.collection(NAMESPACE)
     assert collection is not None
-    return Scope(NAMESPACE, collection, build_ring())
+    return Scope(NAMESPACE, collection, build_ring(), policy)
 
 
 def optional_fields(**fields: st.SearchStrategy) -> st.SearchStrategy[dict]:

@@ -135,3 +135,68 @@ def test_request_key_not_loaded() -> None:
         rewrite_request(body, [], ctx)
 
     assert caught.value.class_name == "identity"
+
+
+def test_request_aggregate_unprotected_lookup(ctx: RewriteContext, ring: KeyRing) -> None:
+    lookup = {"from": "patients", "pipeline": [{"$match": {"ssn": SECRET}}], "as": "patient"}
+    body = {"aggregate": "visits", "pipeline": [{"$lookup": lookup}], "cursor": {}, "$db": "clinic"}
+
+    sent, _ = rewrite_request(body, [], ctx)
+
+    assert sent["pipeline"][0]["$lookup"]["pipeline"] == [{"$match": {"ssn": deterministic(ring, SECRET)}}]
+
+
+def test_request_aggregate_unprotected_join_rejected(ctx: RewriteContext) -> None:
+    lookup = {"from": "patients", "localField": "patientSsn", "foreignField": "ssn", "as": "patient"}
+    body = {"aggregate": "visits", "pipeline": [{"$lookup": lookup}], "$db": "clinic"}
+
+    with pytest.raises(CommandError) as caught:
+        rewrite_request(body, [], ctx)
+
+    assert "'patientSsn'" in caught.value.message
+
+
+def test_request_aggregate_database_change_stream(ctx: RewriteContext, ring: KeyRing) -> None:
+    pipeline = [{"$changeStream": {}}, {"$match": {"fullDocument.ssn": SECRET}}]
+    body = {"aggregate": 1, "pipeline": pipeline, "cursor": {}, "$db": "clinic"}
+
+    sent, _ = rewrite_request(body, [], ctx)
+
+    assert sent["pipeline"][1] == {"$match": {"fullDocument.ssn": deterministic(ring, SECRET)}}
+
+
+def test_request_aggregate_database_conflict(ctx: RewriteContext) -> None:
+    # clinic.patients and clinic.claims encrypt mrn with different classes.
+    pipeline = [{"$changeStream": {}}, {"$match": {"fullDocument.mrn": 5}}]
+    body = {"aggregate": 1, "pipeline": pipeline, "$db": "clinic"}
+
+    with pytest.raises(CommandError) as caught:
+        rewrite_request(body, [], ctx)
+
+    assert "'fullDocument.mrn'" in caught.value.message
+
+
+def test_request_explain_aggregate(ctx: RewriteContext, ring: KeyRing) -> None:
+    inner = {"aggregate": "patients", "pipeline": [{"$limit": 5}, {"$match": {"mrn": 7}}], "cursor": {}}
+    body = {"explain": inner, "verbosity": "queryPlanner", "$db": "clinic"}
+
+    sent, _ = rewrite_request(body, [], ctx)
+
+    assert sent["explain"]["pipeline"][1] == {"$match": {"mrn": deterministic(ring, 7)}}
+
+
+def test_request_explain_aggregate_rejects(ctx: RewriteContext) -> None:
+    inner = {"aggregate": "patients", "pipeline": [{"$sort": {"ssn": 1}}], "cursor": {}}
+
+    with pytest.raises(CommandError) as caught:
+        rewrite_request({"explain": inner, "$db": "clinic"}, [], ctx)
+
+    assert "$sort" in caught.value.message
+
+
+def test_request_aggregate_other_collection_value(ctx: RewriteContext) -> None:
+    body = {"aggregate": 2, "pipeline": [{"$sort": {"ssn": 1}}], "$db": "clinic"}
+
+    sent, _ = rewrite_request(body, [], ctx)
+
+    assert sent["pipeline"] == [{"$sort": {"ssn": 1}}]
