@@ -121,6 +121,11 @@ _LEGACY_OPCODE_NAMES = {
 }
 
 
+def _explains_aggregate(body: dict) -> bool:
+    inner = body.get("explain")
+    return isinstance(inner, dict) and next(iter(inner), None) == "aggregate"
+
+
 def _compressed_with(wire_frame: bytes, compressor: CompressorId | None) -> bool:
     """Tell whether a frame is OP_COMPRESSED with `compressor`, from its fixed offsets."""
     if compressor is None or len(wire_frame) < 25:
@@ -349,6 +354,11 @@ class ClientSession:
                          and self.state.policy.collection(f"{database}.{collection}"))
         if protected and needs_rewrite(name):
             return _Plan(command_name=name, reveal=True)
+        if name == "aggregate":
+            # Any pipeline may reach a protected collection through $lookup,
+            # $unionWith, $out, $merge or a database-level change stream, so
+            # every aggregate is rewritten and its reply revealed.
+            return _Plan(command_name=name, reveal=True, guard=True)
         if name in GUARDED_COMMANDS and not protected:
             return _Plan(command_name=name, guard=True)
         return None
@@ -380,9 +390,12 @@ class ClientSession:
             # An explained command on a protected collection is rewritten like
             # the command itself, so the server never sees its filter in clear.
             namespace = explained_namespace(message.body)
-            plan.reveal = bool(namespace and self.state.policy.collection(namespace))
+            plan.reveal = (bool(namespace and self.state.policy.collection(namespace))
+                           or _explains_aggregate(message.body))
         elif plan.guard:
-            return await self._check_guarded(frame, message, plan.command_name)
+            checked = await self._check_guarded(frame, message, plan.command_name)
+            if checked is None or not plan.reveal:
+                return checked
 
         if not plan.reveal:
             return frame

@@ -102,7 +102,9 @@ def test_duplicate_key_keeps_connection(deployment):
         for frame in (CASES["two $db"], ping):
             sock.sendall(frame)
             while (reply := reader.next_frame()) is None:
-                reader.feed(sock.recv(65536))
+                data = sock.recv(65536)
+                assert data, "the proxy closed the connection instead of replying"
+                reader.feed(data)
             replies.append(parse_op_msg(reply).body)
 
     assert replies[0]["code"] == 40413
