@@ -1,17 +1,10 @@
 """End to end: Motor (asyncio) runs the client scenario through the proxy.
 
-The scenario is the one tests/clients/scenario.mjs runs with the Node.js
-driver, written here with Motor's AsyncIOMotorClient. It connects as the
-clinician, once without compression and once with each of snappy, zlib and
-zstd. It inserts patients into clinic.patients_clients and updates a protected
-field with $set. It finds by ssn, reads a cursor in batches of 2, aggregates
-with a leading $match on ssn and deletes by ssn. Then it tries a $regex on
-ssn, writes and reads an unprotected collection, and reads the patients again
-as the billing user.
-
-The scenario returns what each step returned, and the tests compare that with
-the input they gave it. A direct pymongo connection to the server then checks
-that the protected fields were stored encrypted.
+The scenario is the one of client_scenario.py, whose tests this module
+imports, written here with Motor's AsyncIOMotorClient. It returns what each
+step returned in the shape tests/clients/scenario.mjs prints with the Node.js
+driver. Only the Motor version and the compressor of each pooled connection
+are checked here.
 
 Motor 3.7 runs pymongo's synchronous client in a thread pool, so this covers
 another code path than pymongo's own AsyncMongoClient in test_async_client.py.
@@ -20,50 +13,24 @@ another code path than pymongo's own AsyncMongoClient in test_async_client.py.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from dataclasses import dataclass
 
-import bson
 import motor
 import pytest
-from bson import Binary, Int64
-from bson.binary import UuidRepresentation
-from bson.codec_options import CodecOptions
 from motor.motor_asyncio import AsyncIOMotorClient
 from pymongo import monitoring
 from pymongo.errors import OperationFailure
 
-from proxy.demo.users import BILLING, CLINICIAN
-
-DATABASE = "clinic"
-COLLECTION = "patients_clients"
-PLAIN_COLLECTION = "clients_plain"
-PATIENT_COUNT = 6
-BATCH_SIZE = 2
-BAD_VALUE = 2
-
-CODEC = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
-
-
-@dataclass
-class ScenarioRun:
-    """One run of the scenario: what the test gave it and what the client returned."""
-
-    compressor: str | None
-    patients: list[dict]
-    new_phone: str
-    plain_document: dict
-    output: dict
-
-    @property
-    def updated(self) -> dict:
-        """The patient whose phone the scenario changed, as it should read afterwards."""
-        return dict(self.patients[0], phone=self.new_phone)
-
-    @property
-    def remaining(self) -> list[dict]:
-        """The patients left after the scenario deleted the last one."""
-        return [self.updated, *self.patients[1:-1]]
+from client_scenario import (
+    BATCH_SIZE, COLLECTION, COMPRESSOR_IDS, COMPRESSORS, DATABASE, PLAIN_COLLECTION, scenario_run,
+)
+# pytest collects these tests and finds the `stored` fixture by their names in
+# this module's namespace, so importing them is enough.
+from client_scenario import (  # noqa: F401
+    stored, test_aggregate_match_on_ssn, test_billing_sees_no_clinical_fields,
+    test_delete_by_ssn, test_find_by_ssn_after_set, test_find_in_batches_of_two,
+    test_insert_many_count, test_protected_fields_stored_encrypted, test_regex_on_ssn_rejected,
+    test_set_on_protected_field, test_unprotected_collection_round_trip,
+)
 
 
 class BatchRecorder(monitoring.CommandListener):
@@ -109,14 +76,6 @@ def connection_compressors(client: AsyncIOMotorClient) -> list[str | None]:
             context = connection.compression_context
             compressors.append(COMPRESSOR_NAMES[context.compressor_id] if context else None)
     return compressors
-
-
-def same_bson(left: dict, right: dict) -> bool:
-    return bson.encode(left, codec_options=CODEC) == bson.encode(right, codec_options=CODEC)
-
-
-def with_compressor(uri: str, compressor: str | None) -> str:
-    return f"{uri}&compressors={compressor}" if compressor else uri
 
 
 def open_client(uri: str, *listeners) -> AsyncIOMotorClient:
@@ -204,32 +163,16 @@ async def motor_scenario(clinician_uri: str, billing_uri: str, scenario: dict) -
     return results
 
 
-@pytest.fixture(scope="module", params=[None, "snappy", "zlib", "zstd"],
-                ids=["uncompressed", "snappy", "zlib", "zstd"])
+def run_motor_scenario(clinician_uri: str, billing_uri: str, scenario: dict) -> dict:
+    return asyncio.run(motor_scenario(clinician_uri, billing_uri, scenario))
+
+
+@pytest.fixture(scope="module", params=COMPRESSORS, ids=COMPRESSOR_IDS)
 def run(request, deployment, connect, make_patient):
     """Run the scenario once per compressor with new patients, then delete what it wrote."""
-    compressor = request.param
-    patients = [make_patient() for _ in range(PATIENT_COUNT)]
-    new_phone = "556-" + uuid.uuid4().hex[:8]
-    plain_document = {"_id": str(uuid.uuid4()), "ssn": patients[0]["ssn"], "note": "not protected",
-                      "visits": Int64(7)}
-    scenario = {"patients": patients, "newPhone": new_phone, "plainDocument": plain_document}
-
-    try:
-        clinician_uri = with_compressor(CLINICIAN.uri(deployment.proxy_address), compressor)
-        billing_uri = with_compressor(BILLING.uri(deployment.proxy_address), compressor)
-        output = asyncio.run(motor_scenario(clinician_uri, billing_uri, scenario))
-        yield ScenarioRun(compressor, patients, new_phone, plain_document, output)
-    finally:
-        server = connect(CLINICIAN, direct=True)[DATABASE]
-        server[COLLECTION].delete_many({"_id": {"$in": [patient["_id"] for patient in patients]}})
-        server[PLAIN_COLLECTION].delete_many({"_id": plain_document["_id"]})
-
-
-@pytest.fixture
-def stored(connect):
-    """clinic.patients_clients read directly on the server, bypassing the proxy."""
-    return connect(CLINICIAN, direct=True)[DATABASE][COLLECTION]
+    with scenario_run(request.param, deployment, connect, make_patient,
+                      run_motor_scenario) as result:
+        yield result
 
 
 def test_motor_version(run):
@@ -242,95 +185,3 @@ def test_connections_negotiate_compressor(run):
 
     assert len(compressors) >= 1
     assert set(compressors) == {run.compressor}
-
-
-def test_insert_many_count(run):
-    assert run.output["inserted"] == PATIENT_COUNT
-
-
-def test_set_on_protected_field(run):
-    assert run.output["update"] == {"matched": 1, "modified": 1}
-
-
-def test_find_by_ssn_after_set(run):
-    found = run.output["foundBySsn"]
-
-    assert len(found) == 1
-    assert same_bson(found[0], run.updated)
-
-
-def test_find_in_batches_of_two(run):
-    batches = run.output["batches"]
-    expected = sorted([run.updated, *run.patients[1:]], key=lambda patient: patient["visits"])
-
-    assert len(batches["documents"]) == len(expected)
-    for document, patient in zip(batches["documents"], expected):
-        assert same_bson(document, patient), patient["_id"]
-    assert max(batches["sizes"]) == BATCH_SIZE
-    assert sum(batches["sizes"]) == PATIENT_COUNT
-    assert batches["getMores"] >= PATIENT_COUNT // BATCH_SIZE - 1
-
-
-def test_aggregate_match_on_ssn(run):
-    patient = run.patients[1]
-    projected = {key: value for key, value in patient.items()
-                 if key in ("_id", "ssn", "mrn", "conditions", "visits")}
-
-    result = run.output["aggregate"]
-
-    assert len(result) == 1
-    assert same_bson(result[0], projected)
-
-
-def test_delete_by_ssn(run, stored):
-    deleted = run.patients[-1]
-
-    assert run.output["delete"] == {"deleted": 1, "remaining": 0}
-    assert stored.find_one({"_id": deleted["_id"]}) is None
-
-
-def test_regex_on_ssn_rejected(run):
-    error = run.output["regexError"]
-
-    assert error is not None
-    assert error["code"] == BAD_VALUE
-    assert error["codeName"] == "BadValue"
-    assert "'ssn'" in error["message"]
-    assert "$regex" in error["message"]
-    assert "900-" not in error["message"]
-
-
-def test_unprotected_collection_round_trip(run, connect):
-    on_server = connect(CLINICIAN, direct=True)[DATABASE][PLAIN_COLLECTION].find_one(
-        {"_id": run.plain_document["_id"]})
-
-    assert run.output["plain"]["acknowledged"] is True
-    assert len(run.output["plain"]["found"]) == 1
-    assert same_bson(run.output["plain"]["found"][0], run.plain_document)
-    assert on_server["ssn"] == run.plain_document["ssn"]
-
-
-def test_billing_sees_no_clinical_fields(run, protected):
-    billing = run.output["billing"]
-    expected = sorted(run.remaining, key=lambda patient: patient["visits"])
-
-    assert len(billing) == len(expected)
-    for document, patient in zip(billing, expected):
-        assert not protected.of_class("clinical") & set(document), patient["_id"]
-        assert document["ssn"] == patient["ssn"]
-        assert document["phone"] == patient["phone"]
-        assert document["visits"] == patient["visits"]
-
-
-def test_protected_fields_stored_encrypted(run, stored, protected):
-    ids = [patient["_id"] for patient in run.remaining]
-    documents = list(stored.find({"_id": {"$in": ids}}))
-
-    assert len(documents) == len(ids)
-    for document in documents:
-        for field in protected.all:
-            assert type(document[field]) is Binary, field
-            assert document[field].subtype == 6, field
-            # The first byte of an FLE1 payload is 1 for deterministic and 2 for random.
-            assert document[field][0] == (1 if field in protected.deterministic else 2), field
-        assert document["gender"] == "female"
