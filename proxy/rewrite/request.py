@@ -1,8 +1,9 @@
 """Turn a command from a client into the command to send to the server.
 
 Only the commands listed in `REQUEST_HANDLERS` are rewritten, and only on a namespace
-that the policy protects, except aggregate, which is analyzed on every namespace. Every
-other command passes through unchanged.
+that the policy protects, except aggregate, which is analyzed on every namespace. A
+bulkWrite names a namespace per operation, so it is always passed to its own handler in
+`MULTI_NAMESPACE_HANDLERS`. Every other command passes through unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bson import Int64
 from proxy.policy.model import CollectionPolicy
 from proxy.wire.op_msg import DocumentSequence
 
+from .bulk_write import rewrite_bulk_write
 from .change_streams import DATABASE_AGGREGATE
 from .commands import (
     rewrite_aggregate,
@@ -28,6 +30,7 @@ from .commands import (
 from .context import RewriteContext, Scope
 
 Handler = Callable[[dict, list[DocumentSequence], Scope], None]
+MultiNamespaceHandler = Callable[[dict, list[DocumentSequence], RewriteContext], None]
 
 # Command names compare case-sensitively, as the server does, except that the server
 # also accepts the older spelling "findandmodify".
@@ -43,6 +46,12 @@ REQUEST_HANDLERS: dict[str, Handler] = {
     "aggregate": rewrite_aggregate,
 }
 
+# Commands that write to several namespaces named inside the command. Their handlers get
+# the whole context and find the scope of each namespace themselves.
+MULTI_NAMESPACE_HANDLERS: dict[str, MultiNamespaceHandler] = {
+    "bulkWrite": rewrite_bulk_write,
+}
+
 # Commands whose request wraps another command, which is rewritten in place.
 WRAPPER_COMMANDS = frozenset({"explain"})
 
@@ -54,6 +63,7 @@ def needs_rewrite(command_name: str) -> bool:
     """Tell whether a command with this name must be decoded to rewrite its request or reply."""
     return (
         command_name in REQUEST_HANDLERS
+        or command_name in MULTI_NAMESPACE_HANDLERS
         or command_name in WRAPPER_COMMANDS
         or command_name in REPLY_ONLY_COMMANDS
     )
@@ -64,11 +74,12 @@ def rewrite_request(
 ) -> tuple[dict, list[DocumentSequence]]:
     """Return the command to send in place of the client's command (`body`, `sequences`).
 
-    The namespace is `$db` and the collection named by the command's first element. The
-    body and sequences are changed in place and returned. Raises CommandError to reject
-    the command, and KeyNotLoaded(class_name=...) when a class key is missing from the key
-    ring: the caller then loads the key and calls again with a fresh decode of the frame,
-    because this call may have changed part of the command already.
+    The namespace is `$db` and the collection named by the command's first element, except
+    for bulkWrite, whose operations name theirs in `nsInfo`. The body and sequences are
+    changed in place and returned. Raises CommandError to reject the command, and
+    KeyNotLoaded(class_name=...) when a class key is missing from the key ring: the caller
+    then loads the key and calls again with a fresh decode of the frame, because this call
+    may have changed part of the command already.
     """
     if not body:
         return body, sequences
@@ -94,6 +105,11 @@ def _rewrite_wrapped(body: dict, name: str, ctx: RewriteContext) -> None:
 def _rewrite_command(
     body: dict, sequences: list[DocumentSequence], name: str, database: object, ctx: RewriteContext
 ) -> None:
+    multi_namespace_handler = MULTI_NAMESPACE_HANDLERS.get(name)
+    if multi_namespace_handler is not None:
+        multi_namespace_handler(body, sequences, ctx)
+        return
+
     handler = REQUEST_HANDLERS.get(name)
     collection = body[name]
     if handler is None or type(database) is not str:

@@ -121,9 +121,9 @@ _LEGACY_OPCODE_NAMES = {
 }
 
 
-def _explains_aggregate(body: dict) -> bool:
+def _explained_command(body: dict) -> str | None:
     inner = body.get("explain")
-    return isinstance(inner, dict) and next(iter(inner), None) == "aggregate"
+    return next(iter(inner), None) if isinstance(inner, dict) else None
 
 
 def _compressed_with(wire_frame: bytes, compressor: CompressorId | None) -> bool:
@@ -165,6 +165,7 @@ class _Plan:
     handshake: bool = False      # rewrite the member list of a hello reply
     auth: bool = False           # refresh the identity after success
     guard: bool = False          # check for a protected namespace elsewhere in the body
+    cursor_lookup: bool = False  # a getMore: reveal when its cursor was opened revealed
     hello_command: dict | None = None   # the client's handshake, for compression
 
 
@@ -185,6 +186,10 @@ class ClientSession:
         self.upstream_writer: asyncio.StreamWriter | None = None
         self.compression = LegCompression(state.compressors)
         self.max_bson_size = DEFAULT_MAX_BSON_SIZE
+        # Ids of cursors whose batches are revealed even though their
+        # namespace is not protected (aggregate with $lookup, bulkWrite).
+        self.revealed_cursors: set[int] = set()
+        self._last_get_more_cursor: int | None = None
         self.identity = Identity(policy_roles=self._default_roles())
         self.context = self._new_context()
 
@@ -359,6 +364,15 @@ class ClientSession:
             # $unionWith, $out, $merge or a database-level change stream, so
             # every aggregate is rewritten and its reply revealed.
             return _Plan(command_name=name, reveal=True, guard=True)
+        if name == "bulkWrite":
+            # Each operation names its own namespace inside the command, so
+            # every bulkWrite is rewritten and its reply revealed.
+            return _Plan(command_name=name, reveal=True)
+        if name == "getMore" and self.revealed_cursors:
+            # A cursor opened by an aggregate or bulkWrite that was revealed
+            # may name an unprotected collection (or `$cmd.aggregate`) while
+            # its batches hold protected values.
+            return _Plan(command_name=name, cursor_lookup=True)
         if name in GUARDED_COMMANDS and not protected:
             return _Plan(command_name=name, guard=True)
         return None
@@ -386,12 +400,17 @@ class ClientSession:
                 return encode_op_msg(message, header.request_id, header.response_to)
             return frame
 
+        if plan.cursor_lookup:
+            self._last_get_more_cursor = message.body.get("getMore")
+            plan.reveal = self._last_get_more_cursor in self.revealed_cursors
+            return frame
+
         if plan.command_name == "explain":
             # An explained command on a protected collection is rewritten like
             # the command itself, so the server never sees its filter in clear.
             namespace = explained_namespace(message.body)
             plan.reveal = (bool(namespace and self.state.policy.collection(namespace))
-                           or _explains_aggregate(message.body))
+                           or _explained_command(message.body) in ("aggregate", "bulkWrite"))
         elif plan.guard:
             checked = await self._check_guarded(frame, message, plan.command_name)
             if checked is None or not plan.reveal:
@@ -601,6 +620,7 @@ class ClientSession:
             message = parse_op_msg(frame)
             try:
                 body = reveal_reply(message.body, self.context)
+                self._track_cursor(body)
                 return encode_op_msg(OpMsg(message.flag_bits, body, message.sequences),
                                      header.request_id, header.response_to)
             except KeyNotLoaded as missing:
@@ -610,6 +630,27 @@ class ClientSession:
                     log.error("conn %d from %s: cannot load data key %s; returning ciphertext: %s",
                               self.id, self.peer, missing.key_id, type(error).__name__)
                     return frame
+
+    def _track_cursor(self, reply: dict) -> None:
+        """Remember an open cursor of a revealed reply, and forget one that is exhausted.
+
+        TODO: a killCursors of such a cursor is not seen, so its id stays
+        remembered until the connection closes; the set grows only by cursors
+        the client left open.
+        """
+        cursor = reply.get("cursor")
+        if not isinstance(cursor, dict):
+            return
+        cursor_id = cursor.get("id")
+        namespace = cursor.get("ns")
+        if isinstance(namespace, str) and self.state.policy.collection(namespace):
+            return      # getMore on a protected namespace is revealed anyway
+        if cursor_id:
+            self.revealed_cursors.add(cursor_id)
+        elif "nextBatch" in cursor:
+            # getMore replies end a cursor with id 0; the request's id is gone
+            # from the reply, so forget the one this getMore named.
+            self.revealed_cursors.discard(self._last_get_more_cursor)
 
     def _check_still_primary(self, error_code: int | None) -> None:
         """Raise UpstreamNotPrimary for a not-primary error code from a replica-set upstream."""

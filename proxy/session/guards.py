@@ -12,10 +12,11 @@ from __future__ import annotations
 from proxy.policy import Policy
 from proxy.rewrite import CommandError
 
-GUARDED_COMMANDS = frozenset({"explain", "bulkWrite", "aggregate", "renameCollection"})
+GUARDED_COMMANDS = frozenset({"explain", "aggregate", "renameCollection"})
 
 # `explain` is guarded differently: the session rewrites it when it wraps a
-# command on a protected collection (see explained_namespace).
+# command on a protected collection (see explained_namespace). `bulkWrite` is
+# not guarded: the rewrite layer rewrites each of its operations.
 
 
 def _rejection(message: str) -> CommandError:
@@ -32,20 +33,6 @@ def explained_namespace(body: dict) -> str | None:
     if not isinstance(collection, str):
         return None
     return f"{body.get('$db')}.{collection}"
-
-
-def _bulk_write(body: dict, sequences: dict[str, list[dict]], policy: Policy) -> CommandError | None:
-    # TODO: rewrite each operation for its own namespace instead of rejecting.
-    entries = list(body.get("nsInfo", [])) + sequences.get("nsInfo", [])
-    for entry in entries:
-        namespace = entry.get("ns") if isinstance(entry, dict) else None
-        if isinstance(namespace, str) and policy.collection(namespace):
-            return _rejection(
-                f"bulkWrite is not supported on the protected collection {namespace} yet; "
-                "use the insert, update and delete commands for it (insert_many, update_many, "
-                "delete_many)"
-            )
-    return None
 
 
 def _output_namespace(stage: dict, database: str) -> str | None:
@@ -97,8 +84,6 @@ def _rename(body: dict, policy: Policy) -> CommandError | None:
 def check_guarded_command(name: str, body: dict, sequences: dict[str, list[dict]],
                           policy: Policy) -> CommandError | None:
     """Return the error for a guarded command that reaches a protected namespace, else None."""
-    if name == "bulkWrite":
-        return _bulk_write(body, sequences, policy)
     if name == "aggregate":
         return _aggregate(body, policy)
     if name == "renameCollection":
