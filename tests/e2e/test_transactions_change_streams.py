@@ -82,3 +82,26 @@ def test_change_stream_revealed_per_role(deployment):
     assert "conditions" not in events[0]["fullDocument"]
     assert events[1]["updateDescription"]["updatedFields"]["ssn"] == "901-222222"
     assert events[1]["fullDocument"]["ssn"] == "901-222222"
+
+
+def test_lookup_batches_revealed(deployment):
+    """A $lookup from an unprotected collection is revealed in every batch, getMore included."""
+    tag = uuid.uuid4().hex[:8]
+    with deployment.client(CLINICIAN) as client:
+        database = client[DATABASE]
+        patients = [{"_id": f"lk-{tag}-{index}", "ssn": f"902-{tag}-{index}"} for index in range(6)]
+        database[COLLECTION].insert_many(patients)
+        database["visits_lookup"].insert_many(
+            [{"_id": f"v-{tag}-{index}", "patient": patient["_id"], "tag": tag}
+             for index, patient in enumerate(patients)])
+
+        pipeline = [
+            {"$match": {"tag": tag}},
+            {"$sort": {"_id": 1}},
+            {"$lookup": {"from": COLLECTION, "localField": "patient", "foreignField": "_id",
+                         "as": "who"}},
+        ]
+        results = list(database["visits_lookup"].aggregate(pipeline, batchSize=2))
+
+    ssns = [result["who"][0]["ssn"] for result in results]
+    assert ssns == [patient["ssn"] for patient in patients]
