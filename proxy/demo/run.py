@@ -50,14 +50,13 @@ def _prepare_workdir(workdir: Path) -> Path:
     return policy_path
 
 
-def _start_server(workdir: Path) -> SecantusServer:
-    server = SecantusServer(storage_path=workdir / "secantus-data")
+def _start_server(server: SecantusServer) -> None:
+    """Start the server without auth, create the demo users, and restart it with auth."""
     server.start(auth=False)
     with MongoClient(f"mongodb://{server.address}/?directConnection=true") as client:
         provision_users(client)
     server.stop()
     server.start(auth=True)
-    return server
 
 
 def _check_port_free(port: int) -> None:
@@ -122,9 +121,10 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
     workdir = workdir.resolve()
     policy_path = _prepare_workdir(workdir)
     print(f"starting SecantusDB (GPL-2.0, a separate process) with its data in {workdir}")
-    server = _start_server(workdir)
+    server = SecantusServer(storage_path=workdir / "secantus-data")
     proxy = None
     try:
+        _start_server(server)
         service_uri = (f"mongodb://{SERVICE.name}:{SERVICE.password}@{server.address}/"
                        f"?authSource={SERVICE.database}&directConnection=true")
         subprocess.run([sys.executable, "-m", "proxy.cli", "--log-level", "WARNING", "keys", "init",

@@ -186,6 +186,7 @@ class ClientSession:
         self.upstream_writer: asyncio.StreamWriter | None = None
         self.compression = LegCompression(state.compressors)
         self.max_bson_size = DEFAULT_MAX_BSON_SIZE
+        self._aborted = False
         # Ids of cursors whose batches are revealed even though their
         # namespace is not protected (aggregate with $lookup, bulkWrite).
         self.revealed_cursors: set[int] = set()
@@ -209,6 +210,8 @@ class ClientSession:
                         "client reconnects to the new primary", self.id, self.peer,
                         self.upstream_address, error)
         except UpstreamClosed:
+            if self._aborted:
+                return      # the proxy is stopping and closed the socket itself
             self.state.upstream.mark_suspect(self.upstream_address)
             log.warning("conn %d from %s: upstream %s closed the connection; closing the client "
                         "connection", self.id, self.peer, self.upstream_address)
@@ -234,6 +237,7 @@ class ClientSession:
 
     def abort(self) -> None:
         """Close both sockets so that `run` returns; used when the proxy stops."""
+        self._aborted = True
         for writer in (self.client_writer, self.upstream_writer):
             if writer is not None:
                 writer.close()

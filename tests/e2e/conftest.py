@@ -99,37 +99,42 @@ def _wait_for_listener(port: int, process: subprocess.Popen, log_path: Path) -> 
 def deployment(tmp_path_factory) -> Deployment:
     folder = tmp_path_factory.mktemp("deployment")
     server = SecantusServer(storage_path=folder / "secantus-data")
-    server.start(auth=False)
-    with MongoClient(f"mongodb://{server.address}/?directConnection=true") as client:
-        provision_users(client)
-    server.stop()
-    server.start(auth=True)
-
-    policy_path = _write_test_policy(folder)
-    deployment = Deployment(server, "", policy_path, folder / "master.key", folder / "mongoveil.log")
-    subprocess.run([sys.executable, "-m", "proxy.cli", "--log-level", "WARNING", "keys", "init",
-                    "--policy", str(policy_path), "--upstream", deployment.service_uri()],
-                   check=True, capture_output=True)
-
-    port = free_port()
-    log_file = open(deployment.log_path, "wb")
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "--log-level", "DEBUG", "serve",
-         "--listen", f"127.0.0.1:{port}", "--upstream", deployment.service_uri(),
-         "--policy", str(policy_path)],
-        stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    log_file.close()
+    proxy = None
     try:
+        server.start(auth=False)
+        with MongoClient(f"mongodb://{server.address}/?directConnection=true") as client:
+            provision_users(client)
+        server.stop()
+        server.start(auth=True)
+
+        policy_path = _write_test_policy(folder)
+        deployment = Deployment(server, "", policy_path, folder / "master.key",
+                                folder / "mongoveil.log")
+        subprocess.run([sys.executable, "-m", "proxy.cli", "--log-level", "WARNING", "keys",
+                        "init", "--policy", str(policy_path), "--upstream",
+                        deployment.service_uri()],
+                       check=True, capture_output=True)
+
+        port = free_port()
+        log_file = open(deployment.log_path, "wb")
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "--log-level", "DEBUG", "serve",
+             "--listen", f"127.0.0.1:{port}", "--upstream", deployment.service_uri(),
+             "--policy", str(policy_path)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        log_file.close()
         _wait_for_listener(port, proxy, deployment.log_path)
         deployment.proxy_address = f"127.0.0.1:{port}"
         yield deployment
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        # Everything started above is stopped, also when start-up failed half way.
+        if proxy is not None:
+            proxy.terminate()
+            try:
+                proxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
         server.stop()
         shutil.rmtree(folder / "secantus-data", ignore_errors=True)
 
