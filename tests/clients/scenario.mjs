@@ -20,6 +20,8 @@ import { BSON, MongoClient, MongoServerError } from 'mongodb';
 const { EJSON } = BSON;
 const DRIVER_VERSION = createRequire(import.meta.url)('mongodb/package.json').version;
 const BATCH_SIZE = 2;
+// How long one getMore on the change stream waits for an event.
+const CHANGE_STREAM_AWAIT_MS = 300;
 // Keep the BSON types of returned documents: by default the driver turns
 // int32, int64 and double alike into JavaScript numbers, so an int64 of 7
 // would print back as an int32.
@@ -27,7 +29,8 @@ const EXACT_TYPES = { promoteValues: false };
 
 /**
  * Read the scenario input: namespace, plainCollection, patients (at least
- * three, each with a unique ssn), newPhone and plainDocument.
+ * three, each with a unique ssn), newPhone, plainDocument, transaction
+ * (committed, aborted, newPhone) and changeStream (patient, newSsn, timeoutMS).
  */
 function readInput(path) {
   const input = EJSON.parse(readFileSync(path, 'utf8'), { relaxed: false });
@@ -126,6 +129,82 @@ async function runPlainSteps(db, input) {
   return { acknowledged: inserted.acknowledged, found };
 }
 
+/**
+ * Commit a transaction that inserts a patient and sets its phone, then abort
+ * one that inserts another patient. Return what a read outside the
+ * transactions finds for each.
+ */
+async function runTransactionSteps(client, input) {
+  const { committed, aborted, newPhone } = input.transaction;
+  const patients = client.db(input.database).collection(input.collection, EXACT_TYPES);
+  const session = client.startSession();
+
+  try {
+    session.startTransaction();
+    await patients.insertOne(committed, { session });
+    await patients.updateOne({ ssn: committed.ssn }, { $set: { phone: newPhone } }, { session });
+    await session.commitTransaction();
+
+    session.startTransaction();
+    await patients.insertOne(aborted, { session });
+    await session.abortTransaction();
+  } finally {
+    await session.endSession();
+  }
+
+  return {
+    committed: await patients.find({ _id: committed._id }).toArray(),
+    aborted: await patients.find({ _id: aborted._id }).toArray(),
+  };
+}
+
+/** Read change events until there are `count` of them or `deadline` (ms since the epoch) passes. */
+async function readEvents(stream, events, count, deadline) {
+  while (events.length < count && Date.now() < deadline) {
+    const event = await stream.tryNext();
+    if (event !== null) {
+      events.push(event);
+    }
+  }
+}
+
+/**
+ * Watch the patient collection as the billing user while the clinician
+ * inserts input.changeStream.patient and sets its ssn. Return the events read,
+ * at most two, within timeoutMS.
+ */
+async function runChangeStreamSteps(clinicianDb, input) {
+  const { patient, newSsn, timeoutMS } = input.changeStream;
+  const { client } = await connect(process.env.BILLING_URI);
+  const events = [];
+
+  try {
+    const watched = client.db(input.database).collection(input.collection, EXACT_TYPES);
+    const pipeline = [{ $match: { 'documentKey._id': patient._id } }];
+    const stream = watched.watch(pipeline, {
+      fullDocument: 'updateLookup', maxAwaitTimeMS: CHANGE_STREAM_AWAIT_MS,
+    });
+    try {
+      // The driver sends the aggregate that opens the stream on the first
+      // read, and the stream sees only writes after that, so read once first.
+      const first = await stream.tryNext();
+      if (first !== null) {
+        events.push(first);
+      }
+
+      const patients = clinicianDb.collection(input.collection);
+      await patients.insertOne(patient);
+      await patients.updateOne({ _id: patient._id }, { $set: { ssn: newSsn } });
+      await readEvents(stream, events, 2, Date.now() + timeoutMS);
+    } finally {
+      await stream.close();
+    }
+  } finally {
+    await client.close();
+  }
+  return events;
+}
+
 async function runBillingSteps(input) {
   const { client } = await connect(process.env.BILLING_URI);
   try {
@@ -147,6 +226,8 @@ async function main() {
     const batches = recordBatches(client, input.collection);
     Object.assign(results, await runClinicianSteps(db, input, batches));
     results.plain = await runPlainSteps(db, input);
+    results.transaction = await runTransactionSteps(client, input);
+    results.changeStream = await runChangeStreamSteps(db, input);
   } finally {
     await client.close();
   }

@@ -6,7 +6,9 @@
 // may set compressors=...). The environment names the rest:
 //   SCENARIO_INPUT  canonical Extended JSON written by the Python test, with
 //                   namespace, plainCollection, patients (at least three, each
-//                   with a unique ssn), newPhone and plainDocument
+//                   with a unique ssn), newPhone, plainDocument, transaction
+//                   (committed, aborted, newPhone) and changeStream (patient,
+//                   newSsn, timeoutMS)
 //   BILLING_URI     the proxy, logged in as the billing user
 //
 // The script prints one canonical Extended JSON document with what each step
@@ -18,6 +20,8 @@
 const fs = require('fs');
 
 const BATCH_SIZE = 2;
+// How long one getMore on the change stream waits for an event.
+const CHANGE_STREAM_AWAIT_MS = 300;
 // Keep the BSON types of returned documents: by default a double with an
 // integral value reads back as a JavaScript number and prints as an int32.
 const EXACT_TYPES = { promoteValues: false };
@@ -112,6 +116,71 @@ function runPlainSteps(db, input) {
   return { acknowledged: inserted.acknowledged, found };
 }
 
+// Commit a transaction that inserts a patient and sets its phone, then abort
+// one that inserts another patient. Return what a read outside the
+// transactions finds for each.
+function runTransactionSteps(clinicDb, input) {
+  const { committed, aborted, newPhone } = input.transaction;
+  const session = clinicDb.getMongo().startSession();
+  const inSession = session.getDatabase(input.database).getCollection(input.collection);
+
+  try {
+    session.startTransaction();
+    inSession.insertOne(committed);
+    inSession.updateOne({ ssn: committed.ssn }, { $set: { phone: newPhone } });
+    session.commitTransaction();
+
+    session.startTransaction();
+    inSession.insertOne(aborted);
+    session.abortTransaction();
+  } finally {
+    session.endSession();
+  }
+
+  const patients = clinicDb.getCollection(input.collection);
+  return {
+    committed: patients.find({ _id: committed._id }, {}, EXACT_TYPES).toArray(),
+    aborted: patients.find({ _id: aborted._id }, {}, EXACT_TYPES).toArray(),
+  };
+}
+
+// Watch the patient collection as the billing user while the clinician
+// inserts input.changeStream.patient and sets its ssn. Return the events
+// read, at most two, within timeoutMS.
+function runChangeStreamSteps(clinicDb, input) {
+  const { patient, newSsn, timeoutMS } = input.changeStream;
+  const billing = new Mongo(process.env.BILLING_URI);
+  const events = [];
+
+  try {
+    // mongosh's watch() reads once before it returns, which sends the
+    // aggregate that opens the stream, so the writes below come after it.
+    const watched = billing.getDB(input.database).getCollection(input.collection);
+    const pipeline = [{ $match: { 'documentKey._id': patient._id } }];
+    const stream = watched.watch(pipeline, {
+      fullDocument: 'updateLookup', maxAwaitTimeMS: CHANGE_STREAM_AWAIT_MS,
+    });
+    try {
+      const patients = clinicDb.getCollection(input.collection);
+      patients.insertOne(patient);
+      patients.updateOne({ _id: patient._id }, { $set: { ssn: newSsn } });
+
+      const deadline = Date.now() + timeoutMS;
+      while (events.length < 2 && Date.now() < deadline) {
+        const event = stream.tryNext();
+        if (event !== null) {
+          events.push(event);
+        }
+      }
+    } finally {
+      stream.close();
+    }
+  } finally {
+    billing.close();
+  }
+  return events;
+}
+
 function runBillingSteps(input) {
   const billing = new Mongo(process.env.BILLING_URI);
   try {
@@ -134,6 +203,8 @@ function main() {
 
   Object.assign(results, runClinicianSteps(clinicDb, input));
   results.plain = runPlainSteps(clinicDb, input);
+  results.transaction = runTransactionSteps(clinicDb, input);
+  results.changeStream = runChangeStreamSteps(clinicDb, input);
   results.compression = connectionCompressors(db.getMongo());
   results.billing = runBillingSteps(input);
 

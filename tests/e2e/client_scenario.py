@@ -8,11 +8,20 @@ aggregates with a leading $match on ssn and deletes by ssn. Then it tries a
 $regex on ssn, writes and reads an unprotected collection, and reads the
 patients again as the billing user.
 
+Two more steps need the replica set that SecantusDB presents. In one session
+the clinician commits a transaction that inserts a patient and sets its phone,
+then aborts a transaction that inserts another patient. The billing user opens
+a change stream on the patient collection, filtered on one new patient's _id,
+while the clinician inserts that patient and sets its ssn. The client reads at
+most two events and waits at most `timeoutMS` for them.
+
 The client returns what each step returned as one document with the keys
 client, compression, inserted, update, foundBySsn, batches, aggregate, delete,
-regexError, plain and billing. The tests here compare that output with the
-input the test gave the client. A direct pymongo connection to the server then
-checks that the protected fields were stored encrypted.
+regexError, plain, billing, transaction (the documents read back after the
+transactions: committed and aborted, each a list) and changeStream (the list
+of events). The tests here compare that output with the input the test gave
+the client. A direct pymongo connection to the server then checks that the
+protected fields were stored encrypted.
 
 A client module imports the `test_*` functions below, so that pytest collects
 them there, and the `stored` fixture. It defines the module-scoped `run`
@@ -53,6 +62,8 @@ PLAIN_COLLECTION = "clients_plain"
 PATIENT_COUNT = 6
 BATCH_SIZE = 2
 BAD_VALUE = 2
+# How long a client waits for the two change events before it returns what it has.
+CHANGE_STREAM_TIMEOUT_MS = 10_000
 
 # The `params` and `ids` of each client module's `run` fixture.
 COMPRESSORS = [None, "snappy", "zlib", "zstd"]
@@ -77,6 +88,8 @@ class ScenarioRun:
     patients: list[dict]
     new_phone: str
     plain_document: dict
+    transaction: dict
+    change_stream: dict
     output: dict
 
     @property
@@ -88,6 +101,18 @@ class ScenarioRun:
     def remaining(self) -> list[dict]:
         """The patients left after the scenario deleted the last one."""
         return [self.updated, *self.patients[1:-1]]
+
+    @property
+    def committed(self) -> dict:
+        """The patient the committed transaction wrote, as it should read afterwards."""
+        return dict(self.transaction["committed"], phone=self.transaction["newPhone"])
+
+    @property
+    def written_ids(self) -> list:
+        """The _id of every patient the scenario may have written, for the cleanup."""
+        extra = [self.transaction["committed"], self.transaction["aborted"],
+                 self.change_stream["patient"]]
+        return [patient["_id"] for patient in [*self.patients, *extra]]
 
 
 def same_bson(left: dict, right: dict) -> bool:
@@ -103,9 +128,14 @@ def new_scenario_input(make_patient) -> dict:
     patients = [make_patient() for _ in range(PATIENT_COUNT)]
     plain_document = {"_id": str(uuid.uuid4()), "ssn": patients[0]["ssn"], "note": "not protected",
                       "visits": Int64(7)}
+    transaction = {"committed": make_patient(), "aborted": make_patient(),
+                   "newPhone": "557-" + uuid.uuid4().hex[:8]}
+    change_stream = {"patient": make_patient(), "newSsn": "901-" + uuid.uuid4().hex[:8],
+                     "timeoutMS": CHANGE_STREAM_TIMEOUT_MS}
     return {"namespace": f"{DATABASE}.{COLLECTION}", "plainCollection": PLAIN_COLLECTION,
             "patients": patients, "newPhone": "556-" + uuid.uuid4().hex[:8],
-            "plainDocument": plain_document}
+            "plainDocument": plain_document, "transaction": transaction,
+            "changeStream": change_stream}
 
 
 def write_scenario_input(folder: Path, scenario: dict) -> Path:
@@ -146,18 +176,19 @@ def scenario_run(compressor: str | None, deployment, connect, make_patient,
     The cleanup runs on the server directly, also when the client failed.
     """
     scenario = new_scenario_input(make_patient)
-    patients = scenario["patients"]
-    plain_document = scenario["plainDocument"]
+    run = ScenarioRun(compressor, scenario["patients"], scenario["newPhone"],
+                      scenario["plainDocument"], scenario["transaction"], scenario["changeStream"],
+                      output={})
 
     try:
         clinician_uri = with_compressor(CLINICIAN.uri(deployment.proxy_address), compressor)
         billing_uri = with_compressor(BILLING.uri(deployment.proxy_address), compressor)
-        output = client(clinician_uri, billing_uri, scenario)
-        yield ScenarioRun(compressor, patients, scenario["newPhone"], plain_document, output)
+        run.output = client(clinician_uri, billing_uri, scenario)
+        yield run
     finally:
         server = connect(CLINICIAN, direct=True)[DATABASE]
-        server[COLLECTION].delete_many({"_id": {"$in": [patient["_id"] for patient in patients]}})
-        server[PLAIN_COLLECTION].delete_many({"_id": plain_document["_id"]})
+        server[COLLECTION].delete_many({"_id": {"$in": run.written_ids}})
+        server[PLAIN_COLLECTION].delete_many({"_id": run.plain_document["_id"]})
 
 
 @pytest.fixture
@@ -267,3 +298,46 @@ def test_protected_fields_stored_encrypted(run, stored, protected):
             # The first byte of an FLE1 payload is 1 for deterministic and 2 for random.
             assert document[field][0] == (1 if field in protected.deterministic else 2), field
         assert document["gender"] == "female"
+
+
+def test_transaction_commit_read_back(run):
+    committed = run.output["transaction"]["committed"]
+
+    assert len(committed) == 1
+    assert same_bson(committed[0], run.committed)
+
+
+def test_transaction_abort_leaves_nothing(run, stored):
+    aborted_id = run.transaction["aborted"]["_id"]
+
+    assert run.output["transaction"]["aborted"] == []
+    assert stored.find_one({"_id": aborted_id}) is None
+
+
+def test_transaction_stored_encrypted(run, stored, protected):
+    document = stored.find_one({"_id": run.committed["_id"]})
+
+    assert document is not None
+    for field in protected.all:
+        assert type(document[field]) is Binary, field
+        assert document[field].subtype == 6, field
+
+
+def test_change_stream_operation_types(run):
+    events = run.output["changeStream"]
+
+    assert [event["operationType"] for event in events] == ["insert", "update"]
+
+
+def test_change_stream_ssn_revealed(run):
+    inserted, updated = run.output["changeStream"]
+
+    assert inserted["fullDocument"]["ssn"] == run.change_stream["patient"]["ssn"]
+    assert updated["fullDocument"]["ssn"] == run.change_stream["newSsn"]
+    assert updated["updateDescription"]["updatedFields"]["ssn"] == run.change_stream["newSsn"]
+
+
+def test_change_stream_hides_clinical_fields(run, protected):
+    for event in run.output["changeStream"]:
+        assert not protected.of_class("clinical") & set(event["fullDocument"]), \
+            event["operationType"]

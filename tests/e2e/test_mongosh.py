@@ -28,9 +28,12 @@ from client_scenario import (
 # this module's namespace, so importing them is enough.
 from client_scenario import (  # noqa: F401
     stored, test_aggregate_match_on_ssn, test_billing_sees_no_clinical_fields,
-    test_delete_by_ssn, test_find_by_ssn_after_set, test_insert_many_count,
-    test_protected_fields_stored_encrypted, test_regex_on_ssn_rejected,
-    test_set_on_protected_field, test_unprotected_collection_round_trip,
+    test_change_stream_hides_clinical_fields, test_change_stream_operation_types,
+    test_change_stream_ssn_revealed, test_delete_by_ssn, test_find_by_ssn_after_set,
+    test_insert_many_count, test_protected_fields_stored_encrypted, test_regex_on_ssn_rejected,
+    test_set_on_protected_field, test_transaction_abort_leaves_nothing,
+    test_transaction_commit_read_back, test_transaction_stored_encrypted,
+    test_unprotected_collection_round_trip,
 )
 
 SCENARIO = CLIENTS / "scenario.mongosh.js"

@@ -13,6 +13,7 @@ another code path than pymongo's own AsyncMongoClient in test_async_client.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import motor
 import pytest
@@ -27,9 +28,12 @@ from client_scenario import (
 # this module's namespace, so importing them is enough.
 from client_scenario import (  # noqa: F401
     stored, test_aggregate_match_on_ssn, test_billing_sees_no_clinical_fields,
-    test_delete_by_ssn, test_find_by_ssn_after_set, test_find_in_batches_of_two,
-    test_insert_many_count, test_protected_fields_stored_encrypted, test_regex_on_ssn_rejected,
-    test_set_on_protected_field, test_unprotected_collection_round_trip,
+    test_change_stream_hides_clinical_fields, test_change_stream_operation_types,
+    test_change_stream_ssn_revealed, test_delete_by_ssn, test_find_by_ssn_after_set,
+    test_find_in_batches_of_two, test_insert_many_count, test_protected_fields_stored_encrypted,
+    test_regex_on_ssn_rejected, test_set_on_protected_field, test_transaction_abort_leaves_nothing,
+    test_transaction_commit_read_back, test_transaction_stored_encrypted,
+    test_unprotected_collection_round_trip,
 )
 
 
@@ -57,6 +61,9 @@ class BatchRecorder(monitoring.CommandListener):
         self.get_mores = 0
         self.sizes = []
 
+
+# How long one getMore on the change stream waits for an event, in milliseconds.
+CHANGE_STREAM_AWAIT_MS = 300
 
 # The compressorId of each of pymongo's compression contexts, as OP_COMPRESSED numbers them.
 COMPRESSOR_NAMES = {1: "snappy", 2: "zlib", 3: "zstd"}
@@ -136,6 +143,69 @@ async def plain_steps(database, scenario: dict) -> dict:
     return {"acknowledged": inserted.acknowledged, "found": found}
 
 
+async def transaction_steps(client: AsyncIOMotorClient, scenario: dict) -> dict:
+    """Commit a transaction that inserts a patient and sets its phone, then abort one that inserts.
+
+    Return what a read outside the transactions finds for each patient.
+    """
+    patients = client[DATABASE][COLLECTION]
+    committed = dict(scenario["transaction"]["committed"])
+    aborted = dict(scenario["transaction"]["aborted"])
+    new_phone = scenario["transaction"]["newPhone"]
+
+    async with await client.start_session() as session:
+        async with session.start_transaction():
+            await patients.insert_one(committed, session=session)
+            await patients.update_one({"ssn": committed["ssn"]}, {"$set": {"phone": new_phone}},
+                                      session=session)
+
+        session.start_transaction()
+        await patients.insert_one(aborted, session=session)
+        await session.abort_transaction()
+
+    return {"committed": await patients.find({"_id": committed["_id"]}).to_list(None),
+            "aborted": await patients.find({"_id": aborted["_id"]}).to_list(None)}
+
+
+async def read_events(stream, events: list[dict], count: int, deadline: float) -> None:
+    """Read change events until there are `count` or time.monotonic() passes `deadline`."""
+    while len(events) < count and time.monotonic() < deadline:
+        event = await stream.try_next()
+        if event is not None:
+            events.append(event)
+
+
+async def change_stream_steps(database, billing_uri: str, scenario: dict) -> list[dict]:
+    """Watch as the billing user while the clinician inserts a patient and sets its ssn.
+
+    Return the events read, at most two, within the input's timeoutMS.
+    """
+    patient = dict(scenario["changeStream"]["patient"])
+    new_ssn = scenario["changeStream"]["newSsn"]
+    timeout_seconds = scenario["changeStream"]["timeoutMS"] / 1000
+    client = open_client(billing_uri)
+    events: list[dict] = []
+
+    try:
+        stream = client[DATABASE][COLLECTION].watch(
+            [{"$match": {"documentKey._id": patient["_id"]}}], full_document="updateLookup",
+            max_await_time_ms=CHANGE_STREAM_AWAIT_MS)
+        async with stream:
+            # Motor sends the aggregate that opens the stream on the first
+            # read, and the stream sees only writes after that, so read once first.
+            first = await stream.try_next()
+            if first is not None:
+                events.append(first)
+
+            await database[COLLECTION].insert_one(patient)
+            await database[COLLECTION].update_one({"_id": patient["_id"]},
+                                                  {"$set": {"ssn": new_ssn}})
+            await read_events(stream, events, 2, time.monotonic() + timeout_seconds)
+    finally:
+        client.close()
+    return events
+
+
 async def billing_steps(billing_uri: str, scenario: dict) -> list[dict]:
     client = open_client(billing_uri)
     try:
@@ -156,6 +226,8 @@ async def motor_scenario(clinician_uri: str, billing_uri: str, scenario: dict) -
         database = client[DATABASE]
         results.update(await clinician_steps(database, scenario, batches))
         results["plain"] = await plain_steps(database, scenario)
+        results["transaction"] = await transaction_steps(client, scenario)
+        results["changeStream"] = await change_stream_steps(database, billing_uri, scenario)
         results["compression"] = connection_compressors(client)
     finally:
         client.close()
