@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from proxy.crypto.errors import KeyNotLoaded
 from proxy.policy import Policy
-from proxy.rewrite import CommandError, RewriteContext, needs_rewrite, reveal_reply, rewrite_request
+from proxy.rewrite import CommandError, RewriteContext, reveal_reply, rewrite_request
 from proxy.server.topology import (
     NoPrimaryError,
     UpstreamRoute,
@@ -54,12 +54,12 @@ from proxy.server.topology import (
     reply_not_primary_code,
 )
 from proxy.server.upstream import UpstreamAddress
-from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
+from proxy.session.guards import check_guarded_command, explained_namespace
+from proxy.session.routing import Plan, explained_command, plan_for
 from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
 from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
 from proxy.session.handshake import BSON_SIZE_HEADROOM, HANDSHAKE_COMMANDS, rewrite_hello_reply
 from proxy.session.identity import (
-    AUTH_COMMANDS,
     CONNECTION_STATUS_COMMAND,
     Identity,
     auth_finished,
@@ -121,11 +121,6 @@ _LEGACY_OPCODE_NAMES = {
 }
 
 
-def _explained_command(body: dict) -> str | None:
-    inner = body.get("explain")
-    return next(iter(inner), None) if isinstance(inner, dict) else None
-
-
 def _compressed_with(wire_frame: bytes, compressor: CompressorId | None) -> bool:
     """Tell whether a frame is OP_COMPRESSED with `compressor`, from its fixed offsets."""
     if compressor is None or len(wire_frame) < 25:
@@ -154,19 +149,6 @@ class ProxyState:
     upstream: UpstreamRoute
     advertised_address: str
     compressors: tuple[str, ...] = DEFAULT_COMPRESSORS
-
-
-@dataclass
-class _Plan:
-    """How the replies to one request are treated."""
-
-    command_name: str = ""
-    reveal: bool = False         # decrypt and apply views
-    handshake: bool = False      # rewrite the member list of a hello reply
-    auth: bool = False           # refresh the identity after success
-    guard: bool = False          # check for a protected namespace elsewhere in the body
-    cursor_lookup: bool = False  # a getMore: reveal when its cursor was opened revealed
-    hello_command: dict | None = None   # the client's handshake, for compression
 
 
 class ClientSession:
@@ -337,7 +319,8 @@ class ClientSession:
             # Checked here even for frames forwarded unchanged: a server that
             # skips the check would otherwise act on a corrupted command.
             verify_checksum(frame)
-        plan = self._plan_for(peek.name, peek.database, peek.collection)
+        plan = plan_for(peek.name, peek.database, peek.collection, self.state.policy,
+                        has_revealed_cursors=bool(self.revealed_cursors))
 
         to_send = frame
         if plan is not None:
@@ -353,35 +336,7 @@ class ClientSession:
         client_target = self.compression.target(compressor, self.compression.client, peek.name)
         await self._relay_replies(plan, client_target, bool(peek.flag_bits & EXHAUST_ALLOWED))
 
-    def _plan_for(self, name: str, database: str | None, collection: str | None) -> _Plan | None:
-        """Decide whether a command needs decoding; None means forward the same bytes."""
-        if name in HANDSHAKE_COMMANDS:
-            return _Plan(command_name=name, handshake=True, auth=True)
-        if name in AUTH_COMMANDS:
-            return _Plan(command_name=name, auth=True)
-        protected = bool(database and collection
-                         and self.state.policy.collection(f"{database}.{collection}"))
-        if protected and needs_rewrite(name):
-            return _Plan(command_name=name, reveal=True)
-        if name == "aggregate":
-            # Any pipeline may reach a protected collection through $lookup,
-            # $unionWith, $out, $merge or a database-level change stream, so
-            # every aggregate is rewritten and its reply revealed.
-            return _Plan(command_name=name, reveal=True, guard=True)
-        if name == "bulkWrite":
-            # Each operation names its own namespace inside the command, so
-            # every bulkWrite is rewritten and its reply revealed.
-            return _Plan(command_name=name, reveal=True)
-        if name == "getMore" and self.revealed_cursors:
-            # A cursor opened by an aggregate or bulkWrite that was revealed
-            # may name an unprotected collection (or `$cmd.aggregate`) while
-            # its batches hold protected values.
-            return _Plan(command_name=name, cursor_lookup=True)
-        if name in GUARDED_COMMANDS and not protected:
-            return _Plan(command_name=name, guard=True)
-        return None
-
-    async def _prepare_op_msg(self, frame: bytes, plan: _Plan) -> bytes | None:
+    async def _prepare_op_msg(self, frame: bytes, plan: Plan) -> bytes | None:
         """Return the frame to send upstream, or None after replying to the client directly."""
         header = parse_header(frame)
         try:
@@ -414,7 +369,7 @@ class ClientSession:
             # the command itself, so the server never sees its filter in clear.
             namespace = explained_namespace(message.body)
             plan.reveal = (bool(namespace and self.state.policy.collection(namespace))
-                           or _explained_command(message.body) in ("aggregate", "bulkWrite"))
+                           or explained_command(message.body) in ("aggregate", "bulkWrite"))
         elif plan.guard:
             checked = await self._check_guarded(frame, message, plan.command_name)
             if checked is None or not plan.reveal:
@@ -561,7 +516,7 @@ class ClientSession:
 
     # -- replies ----------------------------------------------------------
 
-    async def _relay_replies(self, plan: _Plan | None, client_target: CompressorId | None,
+    async def _relay_replies(self, plan: Plan | None, client_target: CompressorId | None,
                              exhaust: bool) -> None:
         """Relay replies until one arrives without `moreToCome`.
 
@@ -594,7 +549,7 @@ class ClientSession:
             if not more_to_come:
                 return
 
-    async def _rewrite_reply(self, frame: bytes, plan: _Plan) -> bytes:
+    async def _rewrite_reply(self, frame: bytes, plan: Plan) -> bytes:
         header = parse_header(frame)
         if plan.handshake:
             message = parse_op_msg(frame)
