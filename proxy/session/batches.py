@@ -17,7 +17,13 @@ from proxy.rewrite import CommandError
 from proxy.wire import CODEC_OPTIONS, DocumentSequence, OpMsg
 
 # The write commands whose statements may be split, and their statement field.
-STATEMENT_FIELDS = {"insert": "documents", "update": "updates", "delete": "deletes"}
+# A bulkWrite chunk keeps the whole nsInfo, so the namespace indexes of its
+# operations stay valid.
+STATEMENT_FIELDS = {"insert": "documents", "update": "updates", "delete": "deletes",
+                    "bulkWrite": "ops"}
+
+# The counters of a bulkWrite reply, added up over the chunks.
+_BULK_WRITE_COUNTERS = ("nErrors", "nInserted", "nMatched", "nModified", "nUpserted", "nDeleted")
 
 # Bytes of an OP_MSG around the body and one document sequence: header (16),
 # flag bits (4), section kinds (2), sequence size (4), checksum (4).
@@ -110,7 +116,7 @@ def stops_batch(reply: dict, ordered: bool) -> bool:
     """Tell whether no further chunk may be sent after this reply."""
     if reply.get("ok") != 1:
         return True
-    return ordered and bool(reply.get("writeErrors"))
+    return ordered and bool(reply.get("writeErrors") or reply.get("nErrors"))
 
 
 def merge_write_replies(replies: list[dict], offsets: list[int]) -> dict:
@@ -140,6 +146,37 @@ def merge_write_replies(replies: list[dict], offsets: list[int]) -> dict:
             merged[listed] = entries
         else:
             merged.pop(listed, None)
+
+    concerns = [reply["writeConcernError"] for reply in replies if "writeConcernError" in reply]
+    if concerns:
+        merged["writeConcernError"] = concerns[0]
+    return merged
+
+
+def merge_bulk_write_replies(replies: list[dict], offsets: list[int]) -> dict:
+    """Combine the replies to the chunks of one bulkWrite into the reply to the whole command.
+
+    Each reply must hold all its results in `cursor.firstBatch` (the caller
+    asks for a batch size that fits them). The counters are added up and the
+    `idx` of each result is shifted back to the position in the client's
+    `ops`. A chunk that failed as a command (ok: 0) answers for the whole.
+    """
+    for reply in replies:
+        if reply.get("ok") != 1:
+            return reply
+
+    merged = dict(replies[-1])
+    for counter in _BULK_WRITE_COUNTERS:
+        if any(counter in reply for reply in replies):
+            merged[counter] = sum(reply.get(counter, 0) for reply in replies)
+
+    results = []
+    for reply, offset in zip(replies, offsets):
+        for result in reply.get("cursor", {}).get("firstBatch", []):
+            shifted = dict(result)
+            shifted["idx"] = result.get("idx", 0) + offset
+            results.append(shifted)
+    merged["cursor"] = dict(replies[-1].get("cursor", {}), id=0, firstBatch=results)
 
     concerns = [reply["writeConcernError"] for reply in replies if "writeConcernError" in reply]
     if concerns:

@@ -56,7 +56,13 @@ from proxy.server.topology import (
 from proxy.server.upstream import UpstreamAddress
 from proxy.session.guards import check_guarded_command, explained_namespace
 from proxy.session.routing import Plan, explained_command, plan_for
-from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
+from proxy.session.batches import (
+    chunk_offsets,
+    merge_bulk_write_replies,
+    merge_write_replies,
+    split_write,
+    stops_batch,
+)
 from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
 from proxy.session.handshake import BSON_SIZE_HEADROOM, HANDSHAKE_COMMANDS, rewrite_hello_reply
 from proxy.session.identity import (
@@ -100,6 +106,12 @@ _QUERY_FAILURE = 1 << 1
 _PROXY_REQUEST_IDS = itertools.count(0x7F00_0000)
 
 _connection_ids = itertools.count(1)
+
+# IDLUnknownField: the server's reply to a command field it does not know.
+_UNKNOWN_FIELD = 40415
+
+# The largest cursor batch size; a bulkWrite chunk asks for all its results at once.
+_ALL_RESULTS = 2**31 - 1
 
 # Documents may nest 100 levels; the command around them adds a few more.
 _MAX_COMMAND_DEPTH = 110
@@ -168,6 +180,7 @@ class ClientSession:
         self.upstream_writer: asyncio.StreamWriter | None = None
         self.compression = LegCompression(state.compressors)
         self.max_bson_size = DEFAULT_MAX_BSON_SIZE
+        self.stmt_ids_accepted = True
         self._aborted = False
         # Ids of cursors whose batches are revealed even though their
         # namespace is not protected (aggregate with $lookup, bulkWrite).
@@ -399,31 +412,64 @@ class ClientSession:
         ordered = first.get("ordered", True) is not False
         offsets = chunk_offsets(chunks)
         replies = []
+        bulk_write = next(iter(first), "") == "bulkWrite"
         for chunk, offset in zip(chunks, offsets):
             body = chunk.body
-            if "txnNumber" in body:
+            if bulk_write:
+                # One batch must carry every result of the chunk, because the
+                # merged reply cannot point at several server cursors.
+                body["cursor"] = {"batchSize": _ALL_RESULTS}
+            if "txnNumber" in body and self.stmt_ids_accepted:
                 # Retryable writes identify statements by their index in the
                 # batch; a chunk keeps the indexes of the original batch.
                 body["stmtIds"] = list(range(offset, offset + len(chunk.sequences[0].documents)))
-            await self._send_upstream(encode_op_msg(chunk, next(_PROXY_REQUEST_IDS), 0))
-            if more_to_come:
-                continue
-
-            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
-            frame, _ = self.compression.unwrap(
-                wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
-            replies.append(parse_op_msg(frame).body)
-            if stops_batch(replies[-1], ordered):
+            reply = await self._send_chunk(chunk)
+            if reply is None:
+                continue    # fire-and-forget
+            replies.append(reply)
+            if stops_batch(reply, ordered):
                 break
 
         if more_to_come:
             return
-        merged = merge_write_replies(replies, offsets[:len(replies)])
+        merge = merge_bulk_write_replies if bulk_write else merge_write_replies
+        merged = merge(replies, offsets[:len(replies)])
         reply_frame = encode_op_msg_reply(merged, response_to=request_id,
                                           request_id=next(_PROXY_REQUEST_IDS))
         await self._send_to_client(await self._reveal(reply_frame))
         for reply in replies:
             self._check_still_primary(not_primary_code(reply))
+
+    async def _send_chunk(self, chunk: OpMsg) -> dict | None:
+        """Send one chunk of a split write and return the reply body (None for moreToCome).
+
+        A server that does not know `stmtIds` rejects the command while
+        parsing it, before executing anything, so the chunk is sent again
+        without it. NOTE: a retryable write is then split without statement
+        ids, which a server that deduplicates by statement id could treat as
+        a retry of the first chunk; SecantusDB 0.7 rejects `stmtIds` on
+        bulkWrite and does not deduplicate.
+        """
+        while True:
+            more_to_come = bool(chunk.flag_bits & MORE_TO_COME)
+            await self._send_upstream(encode_op_msg(chunk, next(_PROXY_REQUEST_IDS), 0))
+            if more_to_come:
+                return None
+
+            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            frame, _ = self.compression.unwrap(
+                wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
+            reply = parse_op_msg(frame).body
+            rejected_stmt_ids = (reply.get("code") == _UNKNOWN_FIELD
+                                 and "stmtIds" in str(reply.get("errmsg", ""))
+                                 and "stmtIds" in chunk.body)
+            if not rejected_stmt_ids:
+                return reply
+
+            log.info("conn %d from %s: the server does not accept stmtIds; sending split "
+                     "writes without them", self.id, self.peer)
+            self.stmt_ids_accepted = False
+            del chunk.body["stmtIds"]
 
     async def _rewrite_with_keys(self, frame: bytes) -> OpMsg:
         """Rewrite a command, loading the data keys it needs; raises CommandError to reject."""

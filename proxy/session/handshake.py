@@ -14,8 +14,7 @@ HANDSHAKE_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
 # encrypted value grows by at most about 90 bytes (payload header 18, IV 16,
 # padding up to 16, tag 32, and the BinData header), so 512 KiB covers more
 # than 5,000 protected values in one document. Batches need no such room:
-# the proxy splits an insert, update or delete batch that outgrows
-# maxMessageSizeBytes (a bulkWrite is not split yet).
+# the proxy splits a write batch that outgrows maxMessageSizeBytes.
 BSON_SIZE_HEADROOM = 512 * 1024
 
 # Fields of a `hello` reply that name members of a replica set.

@@ -161,3 +161,47 @@ def test_range_filter_rejects_whole_command(doctor, direct, cleanup):
     assert "$gt" in str(error)
     assert stored(direct, UNPROTECTED, visit_id) is None
     assert stored(direct, PROTECTED, patient_id) is None
+
+
+def test_full_batch_split_after_encryption(doctor, direct, cleanup):
+    # pymongo fills one bulkWrite up to maxMessageSizeBytes (48,000,000 bytes);
+    # encrypting six short values per document makes the batch outgrow it, so
+    # the proxy sends it as several commands and merges the replies.
+    operations, ids = [], []
+    for index in range(1000):
+        document_id = new_id(cleanup, PROTECTED)
+        ids.append(document_id)
+        document = {"_id": document_id, "notes": "x" * 50_000}
+        document.update({field: f"v{index}" for field in
+                         ("ssn", "mrn", "phone", "email", "passport", "driversLicense")})
+        operations.append(InsertOne(namespace=PROTECTED, document=document))
+
+    result = doctor.bulk_write(operations, verbose_results=True)
+
+    database, collection = database_collection(PROTECTED)
+    assert result.inserted_count == len(operations)
+    assert sorted(result.insert_results) == list(range(len(operations)))
+    assert direct[database][collection].count_documents({"_id": {"$in": ids}}) == len(ids)
+    assert is_ciphertext(stored(direct, PROTECTED, ids[-1])["ssn"])
+
+
+def test_split_ordered_error_stops(doctor, direct, cleanup):
+    operations, ids = [], []
+    for index in range(1000):
+        document_id = new_id(cleanup, PROTECTED)
+        ids.append(document_id)
+        document = {"_id": document_id, "ssn": f"v{index}", "mrn": f"m{index}",
+                    "notes": "x" * 50_000}
+        operations.append(InsertOne(namespace=PROTECTED, document=document))
+    # A duplicate _id late in the batch, in a later chunk: the ordered write stops there.
+    operations[900] = InsertOne(namespace=PROTECTED,
+                                document={"_id": ids[0], "ssn": "dup", "notes": "x"})
+
+    with pytest.raises(ClientBulkWriteException) as info:
+        doctor.bulk_write(operations, verbose_results=True)
+
+    database, collection = database_collection(PROTECTED)
+    errors = info.value.write_errors
+    assert [error["idx"] for error in errors] == [900]
+    assert info.value.partial_result.inserted_count == 900
+    assert direct[database][collection].count_documents({"_id": {"$in": ids}}) == 900

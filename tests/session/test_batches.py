@@ -6,7 +6,13 @@ import bson
 import pytest
 
 from proxy.rewrite import CommandError
-from proxy.session.batches import chunk_offsets, merge_write_replies, split_write, stops_batch
+from proxy.session.batches import (
+    chunk_offsets,
+    merge_bulk_write_replies,
+    merge_write_replies,
+    split_write,
+    stops_batch,
+)
 from proxy.wire import DocumentSequence, OpMsg
 
 
@@ -107,3 +113,43 @@ def test_merge_command_failure_wins():
 ])
 def test_stops_batch(reply, ordered, expected):
     assert stops_batch(reply, ordered) is expected
+
+
+def test_split_bulk_write_keeps_ns_info():
+    operations = [{"insert": 0, "document": {"_id": index, "blob": "x" * 1000}}
+                  for index in range(100)]
+    message = OpMsg(0, {"bulkWrite": 1, "ordered": True, "$db": "admin"},
+                    [DocumentSequence("ops", operations),
+                     DocumentSequence("nsInfo", [{"ns": "clinic.patients"}])])
+
+    chunks = split_write(message, 20_000, 16 * 1024 * 1024)
+
+    assert len(chunks) > 1
+    for chunk in chunks:
+        identifiers = [sequence.identifier for sequence in chunk.sequences]
+        assert identifiers == ["ops", "nsInfo"]
+        assert chunk.sequences[1].documents == [{"ns": "clinic.patients"}]
+
+
+def test_merge_bulk_write_shifts_idx():
+    replies = [
+        {"ok": 1.0, "nErrors": 0, "nInserted": 2,
+         "cursor": {"id": 0, "firstBatch": [{"ok": 1.0, "idx": 0, "n": 1},
+                                            {"ok": 1.0, "idx": 1, "n": 1}],
+                    "ns": "admin.$cmd.bulkWrite"}},
+        {"ok": 1.0, "nErrors": 1, "nInserted": 0,
+         "cursor": {"id": 0, "firstBatch": [{"ok": 0.0, "idx": 0, "code": 11000}],
+                    "ns": "admin.$cmd.bulkWrite"}},
+    ]
+
+    merged = merge_bulk_write_replies(replies, [0, 2])
+
+    assert merged["nInserted"] == 2
+    assert merged["nErrors"] == 1
+    assert [result["idx"] for result in merged["cursor"]["firstBatch"]] == [0, 1, 2]
+    assert merged["cursor"]["id"] == 0
+
+
+def test_stops_batch_on_bulk_write_errors():
+    assert stops_batch({"ok": 1.0, "nErrors": 1}, True) is True
+    assert stops_batch({"ok": 1.0, "nErrors": 1}, False) is False
