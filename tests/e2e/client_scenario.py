@@ -1,7 +1,9 @@
-"""The client scenario that test_node_driver.py, test_mongosh.py and test_motor.py run.
+"""The client scenario that the Node.js driver, mongosh, Motor and pymongo run.
 
-Each of those modules runs one client through the proxy, once without
-compression and once with each of snappy, zlib and zstd. The client connects
+Each of test_node_driver.py, test_mongosh.py, test_motor.py and
+test_pymongo_scenario.py runs its client through the proxy, once without
+compression and once with each of snappy, zlib and zstd. The pymongo module
+does so with MongoClient and with AsyncMongoClient. The client connects
 as the clinician, inserts patients into clinic.patients_clients and updates a
 protected field with $set. It finds by ssn, reads a cursor in batches of 2,
 aggregates with a leading $match on ssn and deletes by ssn. Then it tries a
@@ -28,6 +30,7 @@ them there, and the `stored` fixture. It defines the module-scoped `run`
 fixture with `scenario_run`, parametrized over COMPRESSORS, and its own checks
 of the client version and of the negotiated compression. The Node.js driver
 and mongosh modules run a script in tests/clients with `run_client_script`.
+The Motor and pymongo modules run the steps in python_scenario.py.
 tests/e2e/conftest.py puts this folder on sys.path so the modules can import
 this one by name.
 """

@@ -31,15 +31,16 @@ from proxy.demo.users import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-# test_node_driver.py, test_mongosh.py and test_motor.py import their shared
-# tests from the module client_scenario. Under --import-mode=importlib pytest puts
+# The client matrix modules (test_node_driver.py, test_mongosh.py,
+# test_motor.py, test_pymongo_scenario.py) import their shared tests from
+# client_scenario and their Python steps from python_scenario. Under --import-mode=importlib pytest puts
 # no test folder on sys.path, so this conftest adds its own folder. pytest
 # rewrites asserts only in test modules and conftest files unless a module is
 # registered, so register it to keep the detailed assertion messages.
 _E2E_FOLDER = str(Path(__file__).resolve().parent)
 if _E2E_FOLDER not in sys.path:
     sys.path.append(_E2E_FOLDER)
-pytest.register_assert_rewrite("client_scenario")
+pytest.register_assert_rewrite("client_scenario", "python_scenario")
 
 EXAMPLE_POLICY = REPO / "policies" / "healthcare.yaml"
 
