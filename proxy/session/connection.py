@@ -9,13 +9,15 @@ which gets no reply) and a reply with `moreToCome` set (an exhaust cursor or
 a streaming `hello`, followed by more replies to the same request). The pump
 therefore handles one request at a time, in order:
 
-1. Read one frame from the client, bounded by `maxMessageSizeBytes`.
+1. Read one frame from the client, bounded by `maxMessageSizeBytes`, and
+   decompress it when it is OP_COMPRESSED (see `compression`).
 2. Peek at the OP_MSG body without decoding it: the command name, the
    collection and `$db`. Most frames need nothing more and go upstream as the
    same bytes (the fast path).
-3. Handshakes, authentication steps and commands on a protected namespace
-   are decoded; the rewrite layer turns them into the command to send or an
-   error reply, which goes back to the client at once.
+3. Handshakes, authentication steps, commands on a protected namespace and
+   the commands that can reach one from elsewhere (see `routing`) are
+   decoded. The rewrite layer turns each into the command to send, or into
+   an error reply that goes back to the client at once.
 4. Replies are read until one arrives without `moreToCome`. Replies to
    forwarded frames go back as the same bytes; replies to rewritten commands
    are decoded and each encrypted value is shown in the view of the
@@ -28,8 +30,9 @@ therefore handles one request at a time, in order:
    error is forwarded and then the connection is closed. A `hello` reply from
    a server that is no longer the primary is not forwarded, and the
    connection is closed at once. The driver reconnects, authenticates again
-   and reaches the new primary (see `proxy.server.topology`). The proxy never
-   answers a write on its own, so no acknowledged write is lost.
+   and reaches the new primary (see `proxy.server.topology`). Every write
+   acknowledgement the client gets comes from the server (a split batch gets
+   the server's replies merged), so no acknowledged write is lost.
 
 A malformed frame from either side closes this connection pair after a log
 line; other connections are not affected.
@@ -154,7 +157,7 @@ class UpstreamNotPrimary(Exception):
 
 @dataclass
 class ProxyState:
-    """What every connection of one proxy process shares."""
+    """The state shared by every connection of one proxy process."""
 
     policy: Policy
     keys: KeyService
