@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("mongoveil")
@@ -21,6 +22,14 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def _add_key_vault_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, type=Path, help="policy YAML file")
+    parser.add_argument("--upstream", default=os.environ.get("MONGOVEIL_UPSTREAM"),
+                        required="MONGOVEIL_UPSTREAM" not in os.environ,
+                        help="MongoDB connection string with access to the key vault "
+                             "(default: the MONGOVEIL_UPSTREAM environment variable)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -55,11 +64,30 @@ def _build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     init = key_commands.add_parser(
         "init", help="create the master-key file if missing and the data key of every class")
-    init.add_argument("--policy", required=True, type=Path, help="policy YAML file")
-    init.add_argument("--upstream", default=os.environ.get("MONGOVEIL_UPSTREAM"),
-                      required="MONGOVEIL_UPSTREAM" not in os.environ,
-                      help="MongoDB connection string with access to the key vault "
-                           "(default: the MONGOVEIL_UPSTREAM environment variable)")
+    _add_key_vault_arguments(init)
+
+    listing = key_commands.add_parser(
+        "list", help="list the data keys of the key vault (never their key material)")
+    _add_key_vault_arguments(listing)
+    listing.add_argument("--json", action="store_true",
+                         help="write one JSON object per key instead of a table")
+
+    create = key_commands.add_parser(
+        "create", help="create the data key of a class that has no active key")
+    _add_key_vault_arguments(create)
+    create.add_argument("--class", dest="class_name", required=True, metavar="NAME",
+                        help="data class named in the policy")
+
+    disable = key_commands.add_parser(
+        "disable", help="mark a data key disabled: it stays readable but encrypts no new values")
+    _add_key_vault_arguments(disable)
+    target = disable.add_mutually_exclusive_group(required=True)
+    target.add_argument("--id", dest="key_id", type=uuid.UUID, metavar="UUID",
+                        help="id of the data key")
+    target.add_argument("--class", dest="class_name", metavar="NAME",
+                        help="data class whose active key to disable")
+    disable.add_argument("--yes", action="store_true",
+                         help="do not ask for confirmation (required without a terminal)")
 
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
@@ -95,12 +123,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_keys_init(args: argparse.Namespace) -> int:
-    from proxy.keys_init import init_keys
+def _run_keys(args: argparse.Namespace) -> int:
+    from proxy.keys_commands import KeysCommandError
 
-    for line in asyncio.run(init_keys(args.policy, args.upstream)):
+    try:
+        lines = asyncio.run(_keys_command(args))
+    except KeysCommandError as error:
+        print(f"mongoveil keys {args.keys_command}: error: {error}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0
+
+
+async def _keys_command(args: argparse.Namespace) -> list[str]:
+    from proxy import keys_commands
+
+    if args.keys_command == "init":
+        return await keys_commands.init_keys(args.policy, args.upstream)
+    if args.keys_command == "list":
+        return await keys_commands.list_keys(args.policy, args.upstream, as_json=args.json)
+    if args.keys_command == "create":
+        return await keys_commands.create_key(args.policy, args.upstream, args.class_name)
+
+    confirm = None
+    if not args.yes:
+        # Checked before connecting, so a script learns at once that it needs --yes.
+        if not sys.stdin.isatty():
+            raise keys_commands.KeysCommandError(
+                "standard input is not a terminal, so no confirmation can be asked; "
+                "pass --yes to disable the key")
+        confirm = keys_commands.terminal_confirm
+    return await keys_commands.disable_key(args.policy, args.upstream, key_id=args.key_id,
+                                           class_name=args.class_name, confirm=confirm)
 
 
 def _run_policy_check(args: argparse.Namespace) -> int:
@@ -133,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "serve": _run_serve,
-        "keys": _run_keys_init,
+        "keys": _run_keys,
         "policy": _run_policy_check,
         "demo": _run_demo,
     }

@@ -8,8 +8,11 @@ vault collection schema for data keys"):
     keyMaterial   the wrapped data key (BSON binary subtype 0)
     creationDate  date
     updateDate    date
-    status        int, 0 = enabled (informational: drivers do not check it)
+    status        int, 0 = enabled, 1 = disabled (drivers do not check it, but
+                  mongoveil encrypts no new values with a disabled key)
     masterKey     the master key that wrapped keyMaterial, {provider: "local"}
+
+mongoveil adds `mongoveil.disabledAt` (date) when it disables a key.
 """
 
 from __future__ import annotations
@@ -17,12 +20,37 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from bson.binary import Binary
 
-from proxy.crypto.data_key import DataKey
+from proxy.crypto.data_key import CLASS_ALT_NAME_PREFIX, DataKey
 from proxy.crypto.errors import DecryptionError, KeyDocumentError
 from proxy.crypto.master_key import LOCAL_PROVIDER, LocalMasterKey
+
+
+STATUS_ENABLED = 0
+STATUS_DISABLED = 1
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """The operator-visible summary of a key document: every field but the key material."""
+
+    id: uuid.UUID
+    alt_names: tuple[str, ...]
+    provider: str | None
+    created: datetime.datetime | None
+    disabled: bool
+
+    @property
+    def class_name(self) -> str | None:
+        """The data class from the first "mongoveil:NAME" alt name, or None."""
+        for alt_name in self.alt_names:
+            name = alt_name.removeprefix(CLASS_ALT_NAME_PREFIX)
+            if alt_name.startswith(CLASS_ALT_NAME_PREFIX) and name:
+                return name
+        return None
 
 
 def new_key_document(
@@ -53,7 +81,7 @@ def new_key_document(
         keyMaterial=Binary(bytes(material_wrapped), 0),
         creationDate=now,
         updateDate=now,
-        status=0,
+        status=STATUS_ENABLED,
         masterKey=dict(master_key_doc),
     )
     return document
@@ -93,6 +121,34 @@ def data_key_from_document(
         ) from None
 
     return DataKey(key_id, material, alt_names)
+
+
+def key_info_from_document(doc: Mapping[str, object]) -> KeyInfo:
+    """Summarize a key document of any master key provider without its key material.
+
+    ``created`` is the creationDate as a UTC datetime, or None when the document
+    has none. Raises KeyDocumentError when _id or keyAltNames break the schema.
+    """
+    key_id = _read_key_id(doc)
+    master_key_doc = doc.get("masterKey")
+    provider = master_key_doc.get("provider") if isinstance(master_key_doc, Mapping) else None
+    created = doc.get("creationDate")
+    if isinstance(created, datetime.datetime) and created.tzinfo is None:
+        # BSON dates are UTC; the codec options decode them without a time zone.
+        created = created.replace(tzinfo=datetime.timezone.utc)
+
+    return KeyInfo(
+        id=key_id,
+        alt_names=_read_alt_names(doc, key_id),
+        provider=provider if isinstance(provider, str) else None,
+        created=created if isinstance(created, datetime.datetime) else None,
+        disabled=is_disabled(doc),
+    )
+
+
+def is_disabled(doc: Mapping[str, object]) -> bool:
+    """Return whether a key document's status marks it disabled."""
+    return doc.get("status") == STATUS_DISABLED
 
 
 def _read_key_id(doc: Mapping[str, object]) -> uuid.UUID:

@@ -1,12 +1,15 @@
 """The key vault: the MongoDB collection that stores the wrapped data keys.
 
 Every data class has one data key, found by its keyAltNames entry
-"mongoveil:CLASS". The documents follow MongoDB's schema (`key_document`), so a
-driver with client-side encryption and the same master key can use the same keys.
+"mongoveil:CLASS". A disabled key (status 1) stays in the vault so that old
+values remain readable, but `load_class_key` and `load_all` skip it. The
+documents follow MongoDB's schema (`key_document`), so a driver with
+client-side encryption and the same master key can use the same keys.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -15,7 +18,13 @@ from pymongo.errors import DuplicateKeyError
 
 from proxy.crypto import aead
 from proxy.crypto.data_key import DataKey, class_alt_name
-from proxy.crypto.key_document import data_key_from_document, new_key_document
+from proxy.crypto.key_document import (
+    STATUS_DISABLED,
+    KeyInfo,
+    data_key_from_document,
+    key_info_from_document,
+    new_key_document,
+)
 from proxy.crypto.master_key import LOCAL_PROVIDER, LocalMasterKey
 from proxy.wire.bson_options import CODEC_OPTIONS
 
@@ -25,6 +34,8 @@ if TYPE_CHECKING:
 # MongoDB's Client Side Encryption specification recommends this index. It keeps
 # alt names unique and leaves documents without alt names out of the index.
 _ALT_NAMES_INDEX = "keyAltNames_1"
+
+_NOT_DISABLED = {"status": {"$ne": STATUS_DISABLED}}
 
 
 class KeyVault:
@@ -55,15 +66,19 @@ class KeyVault:
         )
 
     async def load_class_key(self, class_name: str, *, create: bool) -> DataKey | None:
-        """Return the data key of a class, creating it first if asked to.
+        """Return the active data key of a class, creating it first if asked to.
 
-        Returns None when the class has no key and ``create`` is False. When
-        another process inserts the class key at the same time, the insert fails
-        on the unique index and the other process's key is read and returned.
-        Raises KeyDocumentError when the stored document cannot be used.
+        Disabled keys are skipped. Returns None when the class has no active key
+        and ``create`` is False. When another process inserts the class key at
+        the same time, the insert fails on the unique index and the other
+        process's key is read and returned. Also returns None when ``create`` is
+        True but a disabled key of the class has the alt name, because the
+        unique index then rejects a second key. Raises KeyDocumentError when the
+        stored document cannot be used.
         """
         alt_name = class_alt_name(class_name)
-        doc = await self._collection.find_one({"keyAltNames": alt_name})
+        active = {"keyAltNames": alt_name, **_NOT_DISABLED}
+        doc = await self._collection.find_one(active)
         if doc is not None:
             return data_key_from_document(doc, self._master_key)
         if not create:
@@ -78,14 +93,19 @@ class KeyVault:
         try:
             await self._collection.insert_one(new_doc)
         except DuplicateKeyError:
-            doc = await self._collection.find_one({"keyAltNames": alt_name})
-            # None here means the winner's key was deleted again in between.
+            doc = await self._collection.find_one(active)
+            # None here means the alt name belongs to a disabled key, or the
+            # winner's key was deleted or disabled again in between.
             return None if doc is None else data_key_from_document(doc, self._master_key)
         return DataKey(new_doc["_id"], material, (alt_name,))
 
     async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
         """Return the data key with this id, or None when the vault has none.
 
+        A disabled key is returned too, so values encrypted with it stay readable.
+        NOTE: DataKey does not record the status, and KeyRing.add makes every
+        key with a class alt name the class key, so a disabled key loaded here
+        is used for new values again until the ring learns about the status.
         Raises KeyDocumentError when the stored document cannot be used.
         """
         doc = await self._collection.find_one({"_id": key_id})
@@ -94,13 +114,45 @@ class KeyVault:
         return data_key_from_document(doc, self._master_key)
 
     async def load_all(self) -> list[DataKey]:
-        """Return every data key wrapped by a "local" master key.
+        """Return every active data key wrapped by a "local" master key.
 
         Keys of other KMS providers are skipped, because they belong to other
         applications that share the vault and this master key cannot unwrap
-        them. Raises KeyDocumentError when a "local" document cannot be used.
+        them. Disabled keys are skipped so that a key ring filled from this list
+        does not pick one as a class key. `load_key` still loads them by id.
+        Raises KeyDocumentError when a "local" document cannot be used.
         """
         keys = []
-        async for doc in self._collection.find({"masterKey.provider": LOCAL_PROVIDER}):
+        query = {"masterKey.provider": LOCAL_PROVIDER, **_NOT_DISABLED}
+        async for doc in self._collection.find(query):
             keys.append(data_key_from_document(doc, self._master_key))
         return keys
+
+    async def list_keys(self) -> list[KeyInfo]:
+        """Return a summary of every key document, oldest first, of any provider.
+
+        The key material is left out by the query, so it never leaves the
+        server. Raises KeyDocumentError when a document breaks the schema.
+        """
+        cursor = self._collection.find(
+            {}, projection={"keyMaterial": False}, sort=[("creationDate", 1), ("_id", 1)]
+        )
+        return [key_info_from_document(doc) async for doc in cursor]
+
+    async def disable_key(
+        self, key_id: uuid.UUID, *, now: datetime.datetime | None = None
+    ) -> bool:
+        """Mark a key document disabled and return whether this call changed it.
+
+        Sets status to 1, mongoveil.disabledAt and updateDate to ``now`` (default:
+        the current UTC time). Nothing is deleted. Returns False when no document
+        has this id or it is disabled already, which keeps its first disabledAt.
+        """
+        if now is None:
+            now = datetime.datetime.now(datetime.timezone.utc)
+        result = await self._collection.update_one(
+            {"_id": key_id, **_NOT_DISABLED},
+            {"$set": {"status": STATUS_DISABLED, "mongoveil.disabledAt": now,
+                      "updateDate": now}},
+        )
+        return result.modified_count == 1

@@ -17,7 +17,11 @@ import pytest
 from bson.binary import Binary
 
 from proxy.crypto.errors import KeyDocumentError
-from proxy.crypto.key_document import data_key_from_document, new_key_document
+from proxy.crypto.key_document import (
+    data_key_from_document,
+    key_info_from_document,
+    new_key_document,
+)
 from proxy.crypto.master_key import LocalMasterKey
 from proxy.wire.bson_options import CODEC_OPTIONS
 
@@ -186,3 +190,42 @@ def test_data_key_wrong_master_key() -> None:
 def test_data_key_bad_alt_names(alt_names: object) -> None:
     with pytest.raises(KeyDocumentError, match="keyAltNames is not an array of strings"):
         data_key_from_document(_document(keyAltNames=alt_names), MASTER_KEY)
+
+
+def test_key_info_fields() -> None:
+    doc = dict(VECTOR_DOCUMENT, keyAltNames=["mongoveil:identity", "other"])
+
+    info = key_info_from_document(doc)
+
+    assert info.id == VECTOR_ID
+    assert info.alt_names == ("mongoveil:identity", "other")
+    assert info.class_name == "identity"
+    assert info.provider == "local"
+    assert info.created == datetime.datetime(
+        2022, 4, 2, 15, 54, 11, 981000, tzinfo=datetime.timezone.utc
+    )
+    assert info.disabled is False
+
+
+def test_key_info_disabled() -> None:
+    assert key_info_from_document(dict(VECTOR_DOCUMENT, status=1)).disabled is True
+
+
+def test_key_info_without_material() -> None:
+    doc = {key: value for key, value in VECTOR_DOCUMENT.items() if key != "keyMaterial"}
+
+    assert key_info_from_document(doc).id == VECTOR_ID
+
+
+def test_key_info_missing_fields() -> None:
+    info = key_info_from_document({"_id": VECTOR_ID})
+
+    assert info.alt_names == ()
+    assert info.class_name is None
+    assert info.provider is None
+    assert info.created is None
+
+
+def test_key_info_bad_id() -> None:
+    with pytest.raises(KeyDocumentError, match="_id is not a UUID"):
+        key_info_from_document({"_id": "text"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 from collections.abc import AsyncIterator
 
@@ -217,3 +218,124 @@ async def test_uses_uuid_codec_options(secantus_uri: str) -> None:
         assert await vault.load_key(created.id) == created
     finally:
         await client.close()
+
+
+async def test_list_keys_summaries(vault: KeyVault, collection: AsyncCollection) -> None:
+    identity = await vault.load_class_key("identity", create=True)
+    doc = await collection.with_options(codec_options=CODEC_OPTIONS).find_one()
+
+    [info] = await vault.list_keys()
+
+    assert info.id == identity.id
+    assert info.alt_names == ("mongoveil:identity",)
+    assert info.class_name == "identity"
+    assert info.provider == "local"
+    assert info.created == doc["creationDate"].replace(tzinfo=datetime.timezone.utc)
+    assert info.disabled is False
+    assert not hasattr(info, "material")
+
+
+async def test_list_keys_other_providers(vault: KeyVault, collection: AsyncCollection) -> None:
+    await collection.with_options(codec_options=CODEC_OPTIONS).insert_one(
+        new_key_document(b"not ours", ["aws-key"], {"provider": "aws", "key": "arn"})
+    )
+
+    [info] = await vault.list_keys()
+
+    assert info.provider == "aws"
+    assert info.class_name is None
+
+
+async def test_list_keys_oldest_first(vault: KeyVault, collection: AsyncCollection) -> None:
+    writer = collection.with_options(codec_options=CODEC_OPTIONS)
+    older = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    newer = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    for alt_name, created in (("mongoveil:new", newer), ("mongoveil:old", older)):
+        await writer.insert_one(
+            new_key_document(MASTER_KEY.wrap(bytes(96)), [alt_name], {"provider": "local"},
+                             now=created)
+        )
+
+    infos = await vault.list_keys()
+
+    assert [info.class_name for info in infos] == ["old", "new"]
+    assert infos[0].created == older
+
+
+async def test_list_keys_empty(vault: KeyVault) -> None:
+    assert await vault.list_keys() == []
+
+
+async def test_disable_key_marks_document(vault: KeyVault, collection: AsyncCollection) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    before = await collection.with_options(codec_options=CODEC_OPTIONS).find_one()
+    when = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)
+
+    changed = await vault.disable_key(key.id, now=when)
+
+    doc = await collection.with_options(codec_options=CODEC_OPTIONS).find_one()
+    assert changed is True
+    assert doc["status"] == 1
+    assert doc["mongoveil"]["disabledAt"] == when.replace(tzinfo=None)
+    assert doc["updateDate"] == when.replace(tzinfo=None)
+    assert doc["keyMaterial"] == before["keyMaterial"]
+    assert doc["creationDate"] == before["creationDate"]
+
+
+async def test_disable_key_twice(vault: KeyVault, collection: AsyncCollection) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    first = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    await vault.disable_key(key.id, now=first)
+
+    changed = await vault.disable_key(key.id)
+
+    doc = await collection.with_options(codec_options=CODEC_OPTIONS).find_one()
+    assert changed is False
+    assert doc["mongoveil"]["disabledAt"] == first.replace(tzinfo=None)
+
+
+async def test_disable_key_unknown(vault: KeyVault) -> None:
+    assert await vault.disable_key(uuid.uuid4()) is False
+
+
+async def test_disabled_key_listed(vault: KeyVault) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    await vault.disable_key(key.id)
+
+    [info] = await vault.list_keys()
+
+    assert info.disabled is True
+
+
+async def test_load_class_key_skips_disabled(vault: KeyVault) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    await vault.disable_key(key.id)
+
+    assert await vault.load_class_key("identity", create=False) is None
+
+
+async def test_load_class_key_disabled_no_create(
+    vault: KeyVault, collection: AsyncCollection
+) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    await vault.disable_key(key.id)
+
+    created = await vault.load_class_key("identity", create=True)
+
+    assert created is None
+    assert await collection.count_documents({}) == 1
+
+
+async def test_load_key_returns_disabled(vault: KeyVault) -> None:
+    key = await vault.load_class_key("identity", create=True)
+    await vault.disable_key(key.id)
+
+    assert await vault.load_key(key.id) == key
+
+
+async def test_load_all_skips_disabled(vault: KeyVault) -> None:
+    identity = await vault.load_class_key("identity", create=True)
+    clinical = await vault.load_class_key("clinical", create=True)
+    await vault.disable_key(identity.id)
+
+    assert await vault.load_all() == [clinical]
