@@ -103,10 +103,8 @@ class KeyVault:
         """Return the data key with this id, or None when the vault has none.
 
         A disabled key is returned too, so values encrypted with it stay readable.
-        NOTE: DataKey does not record the status, and KeyRing.add makes every
-        key with a class alt name the class key, so a disabled key loaded here
-        is used for new values again until the ring learns about the status.
-        Raises KeyDocumentError when the stored document cannot be used.
+        The session adds keys loaded here with `class_key=False`, so such a
+        key never becomes the key for new values. Raises KeyDocumentError when the stored document cannot be used.
         """
         doc = await self._collection.find_one({"_id": key_id})
         if doc is None:

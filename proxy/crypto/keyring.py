@@ -3,12 +3,21 @@
 The key ring does no I/O. When it lacks a key, it raises KeyNotLoaded. The session
 then loads the key from the key vault (`key_vault.KeyVault`), adds it with `add`
 or records its absence with `mark_missing`, and retries the operation.
+
+A ring can bound how long and how many keys it keeps (the policy's `keys.cache`).
+A key older than the time-to-live, or the least recently used one when the ring is
+full, is dropped and raises KeyNotLoaded again on its next use, so the session
+reloads it from the key vault. Records of missing keys follow the same two limits,
+counted apart from the keys.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 
 from bson.binary import Binary
 from cryptography.hazmat.primitives import hashes, hmac
@@ -31,42 +40,97 @@ class KeyRing:
 
     A class maps to the key added last for it, so adding a new key for a class
     makes new values use it, while values under the old key still decrypt.
+
+    `ttl_seconds` is how long an added key (or a missing mark) stays usable, and
+    `max_keys` how many keys (and, separately, missing marks) the ring keeps; None
+    means no limit. `clock` returns the current time in seconds and is injectable
+    for tests. A key used within one operation after it expires or is evicted raises
+    KeyNotLoaded, the same as a key never added.
     """
 
-    def __init__(self) -> None:
-        self._keys: dict[uuid.UUID, DataKey] = {}
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float | None = None,
+        max_keys: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
+        if max_keys is not None and max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys!r}")
+        self._ttl = ttl_seconds
+        self._max_keys = max_keys
+        self._clock = clock
+
+        # Both are ordered from least to most recently used. `_keys` maps an id to the key
+        # and the time it was added, `_missing` maps an id to the time it was marked.
+        self._keys: OrderedDict[uuid.UUID, tuple[DataKey, float]] = OrderedDict()
+        self._missing: OrderedDict[uuid.UUID, float] = OrderedDict()
         self._class_keys: dict[str, DataKey] = {}
-        self._missing: set[uuid.UUID] = set()
         self._pseudonym_keys: dict[uuid.UUID, bytes] = {}
 
-    def add(self, key: DataKey) -> None:
-        """Add a data key, replacing any key of the same id or class."""
-        self._keys[key.id] = key
-        self._missing.discard(key.id)
-        self._pseudonym_keys.pop(key.id, None)
-        if key.class_name is not None:
+    def add(self, key: DataKey, *, class_key: bool = True) -> None:
+        """Add a data key, replacing any key of the same id and, as class key, of the same class.
+
+        A key loaded only to decrypt a value passes `class_key=False`: it may be an
+        older key of its class, and new values must keep the class's current key.
+        When the ring then contains more than `max_keys` keys, the least recently used
+        ones are dropped.
+        """
+        self._drop(key.id)
+        self._missing.pop(key.id, None)
+        self._keys[key.id] = (key, self._clock())
+        if class_key and key.class_name is not None:
             self._class_keys[key.class_name] = key
+
+        while self._max_keys is not None and len(self._keys) > self._max_keys:
+            self._drop(next(iter(self._keys)))
 
     def mark_missing(self, key_id: uuid.UUID) -> None:
         """Record that the key vault has no key with this id.
 
         A loaded key with this id is removed too. The key vault is the authority,
-        so a key deleted there (crypto-shredded) must stop working here.
+        so a key deleted there (crypto-shredded) must stop working here. The mark
+        expires and is evicted like a key, so the key vault is asked again later.
         """
-        removed = self._keys.pop(key_id, None)
-        self._pseudonym_keys.pop(key_id, None)
-        if removed is not None and removed.class_name is not None:
-            if self._class_keys.get(removed.class_name) is removed:
-                del self._class_keys[removed.class_name]
-        self._missing.add(key_id)
+        self._drop(key_id)
+        self._missing.pop(key_id, None)
+        self._missing[key_id] = self._clock()
+
+        while self._max_keys is not None and len(self._missing) > self._max_keys:
+            self._missing.popitem(last=False)
+
+    def is_missing(self, key_id: uuid.UUID) -> bool:
+        """Tell whether the key vault was found to lack this key, within the time-to-live."""
+        marked_at = self._missing.get(key_id)
+        if marked_at is None:
+            return False
+        if self._expired(marked_at):
+            del self._missing[key_id]
+            return False
+        self._missing.move_to_end(key_id)
+        return True
 
     def get(self, key_id: uuid.UUID) -> DataKey | None:
-        """Return the loaded key with this id, or None."""
-        return self._keys.get(key_id)
+        """Return the loaded key with this id, or None (also when it expired)."""
+        entry = self._keys.get(key_id)
+        if entry is None:
+            return None
+
+        key, added_at = entry
+        if self._expired(added_at):
+            self._drop(key_id)
+            return None
+        self._keys.move_to_end(key_id)
+        return key
 
     def for_class(self, class_name: str) -> DataKey | None:
-        """Return the loaded key of a data class, or None."""
-        return self._class_keys.get(class_name)
+        """Return the loaded key of a data class, or None (also when it expired)."""
+        key = self._class_keys.get(class_name)
+        if key is None:
+            return None
+        return self.get(key.id)
 
     def encrypt(self, value: object, class_name: str, algorithm: Algorithm) -> Binary:
         """Encrypt a value with the key of its data class.
@@ -88,9 +152,9 @@ class KeyRing:
         if key_id is None:
             raise DecryptionError()
 
-        key = self._keys.get(key_id)
+        key = self.get(key_id)
         if key is None:
-            if key_id in self._missing:
+            if self.is_missing(key_id):
                 raise KeyNotFound(key_id)
             raise KeyNotLoaded(key_id=key_id)
 
@@ -119,10 +183,23 @@ class KeyRing:
         return PSEUDONYM_PREFIX + encoded
 
     def _require_class_key(self, class_name: str) -> DataKey:
-        key = self._class_keys.get(class_name)
+        key = self.for_class(class_name)
         if key is None:
             raise KeyNotLoaded(class_name=class_name)
         return key
+
+    def _expired(self, added_at: float) -> bool:
+        return self._ttl is not None and self._clock() - added_at >= self._ttl
+
+    def _drop(self, key_id: uuid.UUID) -> None:
+        """Forget a loaded key, and its class's entry when the class uses it."""
+        entry = self._keys.pop(key_id, None)
+        self._pseudonym_keys.pop(key_id, None)
+        if entry is None:
+            return
+        key = entry[0]
+        if key.class_name is not None and self._class_keys.get(key.class_name) is key:
+            del self._class_keys[key.class_name]
 
     def _pseudonym_key(self, key: DataKey) -> bytes:
         # A separate sub-key keeps the tokens unrelated to the AEAD's MAC key.

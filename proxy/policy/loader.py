@@ -12,7 +12,7 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
-from .model import CollectionPolicy, FieldRule, IdentityRule, Policy, View
+from .model import CollectionPolicy, FieldRule, IdentityRule, KeyCacheSettings, Policy, View
 from .names import (
     field_path_problem,
     identifier_problem,
@@ -22,12 +22,16 @@ from .names import (
 from .shape import ShapeChecker, child_path, item_path, listing, show, suggest, yaml_type
 from .yaml_file import read_policy_yaml
 
-TOP_LEVEL_KEYS = ("keys", "classes", "views", "collections", "roles", "identity", "default_role")
+TOP_LEVEL_KEYS = (
+    "keys", "classes", "views", "collections", "roles", "identity", "default_role", "on_key_error",
+)
 DEFAULT_KEY_VAULT = "encryption.__keyVault"
 DEFAULT_MASK_KEEP_LAST = 4
 ALGORITHMS = ("deterministic", "random")
 DEFAULT_ALGORITHM = "random"
 VIEW_NAMES = tuple(view.value for view in View)
+KEY_ERROR_VIEWS = (View.CIPHERTEXT.value, View.REDACT.value)
+DEFAULT_KEY_CACHE = KeyCacheSettings()
 
 
 def load_policy(path: str | PathLike[str]) -> Policy:
@@ -60,6 +64,10 @@ class _PolicyParser(ShapeChecker):
 
         master_key_file, key_vault = self.parse_keys(top["keys"])
         classes = self.parse_classes(top["classes"])
+        key_cache = self.parse_key_cache(top["keys"].get("cache"), classes)
+        on_key_error = self.choice(
+            top.get("on_key_error", View.CIPHERTEXT.value), "on_key_error", KEY_ERROR_VIEWS, "view"
+        )
         keep_last = self.parse_views(top.get("views"))
         collections = self.parse_collections(top.get("collections"), classes, key_vault)
         roles = self.parse_roles(top.get("roles"), classes)
@@ -76,12 +84,14 @@ class _PolicyParser(ShapeChecker):
             identity=identity,
             default_role=default_role,
             mask_keep_last=keep_last,
+            key_cache=key_cache,
+            on_key_error=View(on_key_error),
         )
 
     def parse_keys(self, value: object) -> tuple[Path, str]:
         """Return the absolute master key file and the key vault namespace."""
         keys = self.mapping(value, "keys")
-        self.check_keys(keys, "keys", ("master_key_file", "key_vault"), required=("master_key_file",))
+        self.check_keys(keys, "keys", ("master_key_file", "key_vault", "cache"), required=("master_key_file",))
 
         name = self.string(keys["master_key_file"], "keys.master_key_file")
         master_key_file = self.source.absolute().parent / Path(name).expanduser()
@@ -91,6 +101,27 @@ class _PolicyParser(ShapeChecker):
         if problem is not None:
             self.fail("keys.key_vault", problem)
         return master_key_file, key_vault
+
+    def parse_key_cache(self, value: object, classes: tuple[str, ...]) -> KeyCacheSettings:
+        """Return the limits of the data key cache, checked against the declared classes."""
+        cache = self.optional_mapping(value, "keys.cache")
+        self.check_keys(cache, "keys.cache", ("ttl_seconds", "max_keys"))
+
+        ttl = cache.get("ttl_seconds", DEFAULT_KEY_CACHE.ttl_seconds)
+        # bool is a subclass of int, but `ttl_seconds: yes` is surely a mistake.
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+            self.fail("keys.cache.ttl_seconds", f"expected a positive number of seconds, found {show(ttl)}")
+
+        max_keys = cache.get("max_keys", DEFAULT_KEY_CACHE.max_keys)
+        # One command can need the key of every class at once, so a smaller cache could
+        # evict a key that the same command loaded a moment before, again and again.
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < len(classes):
+            self.fail(
+                "keys.cache.max_keys",
+                f"expected an integer of at least {len(classes)} (the number of classes), "
+                f"found {show(max_keys)}",
+            )
+        return KeyCacheSettings(ttl_seconds=ttl, max_keys=max_keys)
 
     def parse_classes(self, value: object) -> tuple[str, ...]:
         items = self.sequence(value, "classes")

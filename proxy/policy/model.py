@@ -104,13 +104,27 @@ class IdentityRule:
 
 
 @dataclass(frozen=True)
+class KeyCacheSettings:
+    """Limits of the in-memory cache of decrypted data keys (`keys.cache` in the policy).
+
+    A key is reloaded from the key vault when it was loaded `ttl_seconds` ago or more,
+    or after it was evicted as the least recently used of more than `max_keys` keys.
+    """
+
+    ttl_seconds: float = 600
+    max_keys: int = 1000
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole validated policy file.
 
     `source` is the policy file as given to the loader. `master_key_file` is absolute,
     resolved against the folder of `source`. `roles` maps each policy role to the views it
     names, and a class that a role does not name is REDACT for that role. `default_role`
-    is given to connections that no identity rule matches.
+    is given to connections that no identity rule matches. `on_key_error` is CIPHERTEXT
+    or REDACT: what a reply carries in place of a value whose data key cannot be loaded
+    or is not in the key vault.
     """
 
     source: Path
@@ -122,6 +136,8 @@ class Policy:
     identity: tuple[IdentityRule, ...]
     default_role: str | None
     mask_keep_last: int = 4
+    key_cache: KeyCacheSettings = KeyCacheSettings()
+    on_key_error: View = View.CIPHERTEXT
 
     def collection(self, namespace: str) -> CollectionPolicy | None:
         """Return the policy of the collection "db.coll", or None when it has no protected field."""

@@ -12,6 +12,7 @@ reply in place instead of copying it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 from bson import Binary
 
@@ -26,26 +27,37 @@ from .views import mask_value
 # Marks a list element to remove, because None is a legitimate value of an element.
 _REMOVE = object()
 
+# Marks a key that cannot be loaded for this reply or is not in the key vault.
+_KEY_ERROR = object()
 
-def reveal_reply(body: dict, ctx: RewriteContext) -> dict:
+
+def reveal_reply(
+    body: dict, ctx: RewriteContext, *, unavailable_keys: Collection[uuid.UUID] = ()
+) -> dict:
     """Replace every encrypted value in `body`, at any depth, by its view, and return `body`.
 
     clear gives the plaintext, mask a masked string, pseudonym the key ring's token of the
     plaintext, ciphertext the value unchanged, and redact removes the field (or the list
     element). A ciphertext is left unchanged when its payload is not FLE1, its key has no
-    class of this policy, its key was not found in the key vault, or it fails to decrypt.
-    Raises KeyNotLoaded(key_id=...) for a key the ring has never seen: the caller loads it
-    and calls again with a fresh decode, because `body` may be partly changed already.
+    class of this policy, or it fails to decrypt.
+
+    A value whose key is not in the key vault (KeyNotFound), or whose key id is in
+    `unavailable_keys` (the caller could not load it for this reply), gets the policy's
+    `on_key_error` view: ciphertext or redact.
+
+    Raises KeyNotLoaded(key_id=...) for any other key the ring does not contain: the caller
+    loads it and calls again with a fresh decode, because `body` may be partly changed.
     """
-    _Revealer(ctx).reveal_document(body)
+    _Revealer(ctx, unavailable_keys).reveal_document(body)
     return body
 
 
 class _Revealer:
     """The walk over one reply, with the view of each key looked up once."""
 
-    def __init__(self, ctx: RewriteContext) -> None:
+    def __init__(self, ctx: RewriteContext, unavailable_keys: Collection[uuid.UUID]) -> None:
         self._ctx = ctx
+        self._unavailable_keys = unavailable_keys
         self._keep_last = ctx.policy.mask_keep_last
         # key id -> (class name, view); a view of None leaves the ciphertext unchanged.
         self._views: dict[uuid.UUID, tuple[str | None, View | None]] = {}
@@ -97,9 +109,16 @@ class _Revealer:
 
         try:
             _, plaintext = self._ctx.keys.decrypt(ciphertext)
-        except (DecryptionError, KeyNotFound):
+        except KeyNotFound:
+            return self._on_key_error(ciphertext)
+        except DecryptionError:
             return ciphertext
         return self._render(view, plaintext, class_name)
+
+    def _on_key_error(self, ciphertext: Binary) -> object:
+        if self._ctx.policy.on_key_error is View.REDACT:
+            return _REMOVE
+        return ciphertext
 
     def _render(self, view: View, plaintext: object, class_name: str | None) -> object:
         if view is View.CLEAR:
@@ -116,20 +135,30 @@ class _Revealer:
             return cached
 
         class_name = self._class_of(key_id, ciphertext)
-        view = self._ctx.views.get(class_name) if class_name is not None else None
-        self._views[key_id] = (class_name, view)
-        return class_name, view
+        if class_name is _KEY_ERROR:
+            entry: tuple[str | None, View | None] = (None, self._ctx.policy.on_key_error)
+        elif class_name is None:
+            entry = (None, None)
+        else:
+            entry = (class_name, self._ctx.views.get(class_name))
+        self._views[key_id] = entry
+        return entry
 
-    def _class_of(self, key_id: uuid.UUID, ciphertext: Binary) -> str | None:
+    def _class_of(self, key_id: uuid.UUID, ciphertext: Binary) -> object:
+        """Return the class of the key, None for a key without one, or _KEY_ERROR."""
         key = self._ctx.keys.get(key_id)
         if key is not None:
             return key.class_name
+        if key_id in self._unavailable_keys:
+            return _KEY_ERROR
 
         # The ring has no such key. Decrypting distinguishes the two cases: KeyNotLoaded
         # (never seen, propagated so the caller loads it) or KeyNotFound (not in the
-        # key vault, so the value stays ciphertext).
+        # key vault, so the policy's on_key_error applies).
         try:
             class_name, _ = self._ctx.keys.decrypt(ciphertext)
-        except (KeyNotFound, DecryptionError):
+        except KeyNotFound:
+            return _KEY_ERROR
+        except DecryptionError:
             return None
         return class_name

@@ -78,7 +78,8 @@ class ProxyServer:
         self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri,
                                                    server_selector=suspects)
         self.route: UpstreamRoute = upstream_route(self.upstream, self._mongo_client, suspects)
-        self.keys = KeyService(vault, KeyRing())
+        cache = self.policy.key_cache
+        self.keys = KeyService(vault, KeyRing(ttl_seconds=cache.ttl_seconds, max_keys=cache.max_keys))
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[ClientSession, asyncio.Task] = {}
         self._preload: asyncio.Task | None = None

@@ -44,6 +44,7 @@ import asyncio
 import itertools
 import logging
 import traceback
+import uuid
 from dataclasses import dataclass
 
 from proxy.crypto.errors import KeyNotLoaded
@@ -622,22 +623,39 @@ class ClientSession:
         return frame
 
     async def _reveal(self, frame: bytes) -> bytes:
-        """Apply the views to every encrypted value of a reply, loading keys on demand."""
+        """Apply the views to every encrypted value of a reply, loading keys on demand.
+
+        A key that cannot be loaded is unavailable for this reply only, and its values
+        get the policy's on_key_error view. The same applies to a key that the key cache
+        dropped again before the retry (the reply names more keys than the cache keeps),
+        which would otherwise be loaded in a loop.
+        """
         header = parse_header(frame)
+        unavailable: set[uuid.UUID] = set()
+        loaded: set[uuid.UUID] = set()
         while True:
             message = parse_op_msg(frame)
             try:
-                body = reveal_reply(message.body, self.context)
+                body = reveal_reply(message.body, self.context, unavailable_keys=unavailable)
                 self._track_cursor(body)
                 return encode_op_msg(OpMsg(message.flag_bits, body, message.sequences),
                                      header.request_id, header.response_to)
             except KeyNotLoaded as missing:
-                try:
-                    await self.state.keys.ensure_key(missing.key_id)
-                except Exception as error:  # key vault down: fail closed, return ciphertext
-                    log.error("conn %d from %s: cannot load data key %s; returning ciphertext: %s",
-                              self.id, self.peer, missing.key_id, type(error).__name__)
-                    return frame
+                key_id = missing.key_id
+                if key_id in loaded or not await self._load_key(key_id):
+                    unavailable.add(key_id)
+                loaded.add(key_id)
+
+    async def _load_key(self, key_id: uuid.UUID) -> bool:
+        """Load a data key for a reply; return False when the key vault failed."""
+        try:
+            await self.state.keys.ensure_key(key_id)
+        except Exception as error:  # key vault down: the values follow on_key_error
+            log.error("conn %d from %s: cannot load data key %s; applying on_key_error %s: %s",
+                      self.id, self.peer, key_id, self.state.policy.on_key_error.value,
+                      type(error).__name__)
+            return False
+        return True
 
     def _track_cursor(self, reply: dict) -> None:
         """Remember an open cursor of a revealed reply, and forget one that is exhausted.

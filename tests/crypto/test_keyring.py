@@ -246,3 +246,218 @@ def test_pseudonym_class_not_loaded() -> None:
         _ring(IDENTITY).pseudonym("alice", "clinical")
 
     assert caught.value.class_name == "clinical"
+
+
+# --- time-to-live and maximum count ---------------------------------------------------
+
+class FakeClock:
+    """A clock that moves only when a test advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limited_ring(clock: FakeClock, *keys: DataKey, ttl: float | None = None, max_keys: int | None = None) -> KeyRing:
+    ring = KeyRing(ttl_seconds=ttl, max_keys=max_keys, clock=clock)
+    for key in keys:
+        ring.add(key)
+    return ring
+
+
+def test_ttl_key_usable_before_expiry() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+
+    clock.now += 59.9
+
+    assert ring.get(IDENTITY.id) is IDENTITY
+    assert ring.for_class("identity") is IDENTITY
+
+
+def test_ttl_key_expires() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+
+    clock.now += 60
+
+    assert ring.get(IDENTITY.id) is None
+    assert ring.for_class("identity") is None
+
+
+def test_ttl_expired_decrypt_not_loaded() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+    binary = ring.encrypt("alice", "identity", Algorithm.RANDOM)
+
+    clock.now += 61
+
+    with pytest.raises(KeyNotLoaded) as caught:
+        ring.decrypt(binary)
+    assert caught.value.key_id == IDENTITY.id
+
+
+def test_ttl_expired_encrypt_not_loaded() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+
+    clock.now += 61
+
+    with pytest.raises(KeyNotLoaded) as caught:
+        ring.encrypt("alice", "identity", Algorithm.RANDOM)
+    assert caught.value.class_name == "identity"
+
+
+def test_ttl_counts_from_add_not_use() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+
+    clock.now += 50
+    assert ring.get(IDENTITY.id) is IDENTITY
+    clock.now += 10
+
+    assert ring.get(IDENTITY.id) is None
+
+
+def test_ttl_reload_restarts() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY, ttl=60)
+    clock.now += 61
+    assert ring.get(IDENTITY.id) is None
+
+    ring.add(IDENTITY)
+    clock.now += 59
+
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+
+def test_ttl_missing_mark_expires() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, ttl=60)
+    ring.mark_missing(CLINICAL.id)
+    binary = encrypt_value("alice", CLINICAL, Algorithm.RANDOM)
+
+    assert ring.is_missing(CLINICAL.id)
+    clock.now += 60
+
+    assert not ring.is_missing(CLINICAL.id)
+    with pytest.raises(KeyNotLoaded):
+        ring.decrypt(binary)
+
+
+def test_no_ttl_never_expires() -> None:
+    clock = FakeClock()
+    ring = _limited_ring(clock, IDENTITY)
+
+    clock.now += 10**9
+
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+
+def test_max_keys_evicts_least_recently_added() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, NO_CLASS, max_keys=2)
+
+    assert ring.get(IDENTITY.id) is None
+    assert ring.for_class("identity") is None
+    assert ring.get(CLINICAL.id) is CLINICAL
+    assert ring.get(NO_CLASS.id) is NO_CLASS
+
+
+def test_max_keys_evicts_least_recently_used() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=2)
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+    ring.add(NO_CLASS)
+
+    assert ring.get(CLINICAL.id) is None
+    assert ring.for_class("clinical") is None
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+
+def test_max_keys_use_by_class_counts() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=2)
+    ring.encrypt("alice", "identity", Algorithm.RANDOM)
+
+    ring.add(NO_CLASS)
+
+    assert ring.for_class("identity") is IDENTITY
+    assert ring.get(CLINICAL.id) is None
+
+
+def test_max_keys_use_by_decrypt_counts() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=2)
+    ring.decrypt(encrypt_value("alice", IDENTITY, Algorithm.RANDOM))
+
+    ring.add(NO_CLASS)
+
+    assert ring.get(IDENTITY.id) is IDENTITY
+    assert ring.get(CLINICAL.id) is None
+
+
+def test_max_keys_evicted_decrypt_not_loaded() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=1)
+
+    with pytest.raises(KeyNotLoaded) as caught:
+        ring.decrypt(encrypt_value("alice", IDENTITY, Algorithm.RANDOM))
+    assert caught.value.key_id == IDENTITY.id
+
+
+def test_max_keys_evicted_old_key_keeps_class_key() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, IDENTITY_ROTATED, CLINICAL, max_keys=2)
+
+    assert ring.get(IDENTITY.id) is None
+    assert ring.for_class("identity") is IDENTITY_ROTATED
+
+
+def test_max_keys_readd_not_duplicated() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=2)
+
+    ring.add(IDENTITY)
+
+    assert ring.get(IDENTITY.id) is IDENTITY
+    assert ring.get(CLINICAL.id) is CLINICAL
+
+
+def test_max_keys_limits_missing_marks() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, max_keys=2)
+    for key in (CLINICAL, NO_CLASS, IDENTITY_ROTATED):
+        ring.mark_missing(key.id)
+
+    assert not ring.is_missing(CLINICAL.id)
+    assert ring.is_missing(NO_CLASS.id)
+    assert ring.is_missing(IDENTITY_ROTATED.id)
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+
+def test_evicted_pseudonym_not_loaded() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY, CLINICAL, max_keys=1)
+
+    with pytest.raises(KeyNotLoaded) as caught:
+        ring.pseudonym("alice", "identity")
+    assert caught.value.class_name == "identity"
+
+
+def test_add_without_class_key() -> None:
+    ring = _limited_ring(FakeClock(), IDENTITY_ROTATED)
+
+    ring.add(IDENTITY, class_key=False)
+
+    assert ring.for_class("identity") is IDENTITY_ROTATED
+    assert ring.get(IDENTITY.id) is IDENTITY
+
+
+def test_add_without_class_key_no_class_entry() -> None:
+    ring = KeyRing()
+
+    ring.add(IDENTITY, class_key=False)
+
+    assert ring.for_class("identity") is None
+    assert ring.decrypt(encrypt_value("alice", IDENTITY, Algorithm.RANDOM)) == ("identity", "alice")
+
+
+@pytest.mark.parametrize(("ttl", "max_keys"), [(0, None), (-1.0, None), (None, 0)])
+def test_limits_rejected(ttl: float | None, max_keys: int | None) -> None:
+    with pytest.raises(ValueError):
+        KeyRing(ttl_seconds=ttl, max_keys=max_keys)

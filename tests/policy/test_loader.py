@@ -104,6 +104,35 @@ def test_parse_keep_last_zero(policy_data):
     assert parse_policy(policy_data, SOURCE).mask_keep_last == 0
 
 
+def test_parse_default_key_cache(policy_data):
+    cache = parse_policy(policy_data, SOURCE).key_cache
+    assert cache.ttl_seconds == 600
+    assert cache.max_keys == 1000
+
+
+def test_parse_key_cache(policy_data):
+    policy_data["keys"]["cache"] = {"ttl_seconds": 2.5, "max_keys": 2}
+    cache = parse_policy(policy_data, SOURCE).key_cache
+    assert cache.ttl_seconds == 2.5
+    assert cache.max_keys == 2
+
+
+def test_parse_key_cache_partial(policy_data):
+    policy_data["keys"]["cache"] = {"max_keys": 50}
+    cache = parse_policy(policy_data, SOURCE).key_cache
+    assert cache.ttl_seconds == 600
+    assert cache.max_keys == 50
+
+
+def test_parse_default_on_key_error(policy_data):
+    assert parse_policy(policy_data, SOURCE).on_key_error is View.CIPHERTEXT
+
+
+def test_parse_on_key_error_redact(policy_data):
+    policy_data["on_key_error"] = "redact"
+    assert parse_policy(policy_data, SOURCE).on_key_error is View.REDACT
+
+
 def test_parse_default_algorithm_random(policy_data):
     patients = parse_policy(policy_data, SOURCE).collection("clinic.patients")
     assert patients.fields["name"].deterministic is False
@@ -234,6 +263,24 @@ REJECTED = [
     ("master_key_not_string", _set(("keys", "master_key_file"), 5), "keys.master_key_file", "expected a string"),
     ("key_vault_no_dot", _set(("keys", "key_vault"), "keyvault"), "keys.key_vault", "database.collection"),
     ("key_vault_bad_db", _set(("keys", "key_vault"), "en$c.keys"), "keys.key_vault", "'$'"),
+    # keys.cache
+    ("cache_not_mapping", _set(("keys", "cache"), 600), "keys.cache", "expected a mapping"),
+    ("cache_unknown_key", _set(("keys", "cache"), {"ttl_second": 5}), "keys.cache.ttl_second", "did you mean 'ttl_seconds'"),
+    ("cache_ttl_zero", _set(("keys", "cache"), {"ttl_seconds": 0}), "keys.cache.ttl_seconds", "positive number"),
+    ("cache_ttl_negative", _set(("keys", "cache"), {"ttl_seconds": -1.5}), "keys.cache.ttl_seconds", "positive number"),
+    ("cache_ttl_string", _set(("keys", "cache"), {"ttl_seconds": "10m"}), "keys.cache.ttl_seconds", "positive number"),
+    ("cache_ttl_bool", _set(("keys", "cache"), {"ttl_seconds": True}), "keys.cache.ttl_seconds", "positive number"),
+    ("cache_ttl_infinite", _set(("keys", "cache"), {"ttl_seconds": float("inf")}), "keys.cache.ttl_seconds",
+     "positive number"),
+    ("cache_ttl_nan", _set(("keys", "cache"), {"ttl_seconds": float("nan")}), "keys.cache.ttl_seconds", "positive number"),
+    ("cache_max_zero", _set(("keys", "cache"), {"max_keys": 0}), "keys.cache.max_keys", "at least 2"),
+    ("cache_max_below_classes", _set(("keys", "cache"), {"max_keys": 1}), "keys.cache.max_keys", "the number of classes"),
+    ("cache_max_float", _set(("keys", "cache"), {"max_keys": 10.5}), "keys.cache.max_keys", "expected an integer"),
+    ("cache_max_bool", _set(("keys", "cache"), {"max_keys": True}), "keys.cache.max_keys", "expected an integer"),
+    # on_key_error
+    ("on_key_error_clear", _set(("on_key_error",), "clear"), "on_key_error", "allowed: ciphertext, redact"),
+    ("on_key_error_unknown", _set(("on_key_error",), "hide"), "on_key_error", "unknown view 'hide'"),
+    ("on_key_error_not_string", _set(("on_key_error",), False), "on_key_error", "expected a view name"),
     # classes
     ("classes_not_list", _set(("classes",), "identity"), "classes", "expected a list"),
     ("classes_empty", _set(("classes",), []), "classes", "at least one"),

@@ -215,6 +215,91 @@ def test_reveal_key_not_found_unchanged(policy: Policy, ring: KeyRing) -> None:
     assert first(reply)["mrn"] == 7
 
 
+def test_reveal_key_not_found_redact(policy: Policy, ring: KeyRing) -> None:
+    redacting = dataclasses.replace(policy, on_key_error=View.REDACT)
+    stranger = build_ring(("identity",))
+    ring.mark_missing(stranger.for_class("identity").id)
+    reply = reply_with({"_id": 1, "ssn": encrypt(stranger, SSN), "mrn": encrypt(ring, 7)})
+
+    reveal_reply(reply, context(redacting, ring))
+
+    assert first(reply) == {"_id": 1, "mrn": 7}
+
+
+def test_reveal_key_not_found_redact_list_element(policy: Policy, ring: KeyRing) -> None:
+    redacting = dataclasses.replace(policy, on_key_error=View.REDACT)
+    stranger = build_ring(("clinical",))
+    ring.mark_missing(stranger.for_class("clinical").id)
+    reply = reply_with({"allergies": [encrypt(ring, "nuts", "clinical"), encrypt(stranger, "dust", "clinical")]})
+
+    reveal_reply(reply, context(redacting, ring))
+
+    assert first(reply)["allergies"] == ["nuts"]
+
+
+def test_reveal_key_not_found_redact_any_view(policy: Policy, ring: KeyRing) -> None:
+    redacting = dataclasses.replace(policy, on_key_error=View.REDACT)
+    stranger = build_ring(("identity",))
+    ring.mark_missing(stranger.for_class("identity").id)
+    reply = reply_with({"ssn": encrypt(stranger, SSN)})
+
+    reveal_reply(reply, context(redacting, ring, identity=View.CIPHERTEXT))
+
+    assert "ssn" not in first(reply)
+
+
+def test_reveal_unavailable_key_ciphertext(policy: Policy, ring: KeyRing) -> None:
+    stranger = build_ring(("identity",))
+    ciphertext = encrypt(stranger, SSN)
+    reply = reply_with({"ssn": ciphertext, "mrn": encrypt(ring, 7)})
+
+    reveal_reply(reply, context(policy, ring), unavailable_keys={stranger.for_class("identity").id})
+
+    assert first(reply)["ssn"] is ciphertext
+    assert first(reply)["mrn"] == 7
+
+
+def test_reveal_unavailable_key_redact(policy: Policy, ring: KeyRing) -> None:
+    redacting = dataclasses.replace(policy, on_key_error=View.REDACT)
+    stranger = build_ring(("identity",))
+    reply = reply_with({"ssn": encrypt(stranger, SSN), "tags": [encrypt(stranger, "x"), "y"]})
+
+    reveal_reply(reply, context(redacting, ring), unavailable_keys={stranger.for_class("identity").id})
+
+    assert first(reply) == {"tags": ["y"]}
+
+
+def test_reveal_unavailable_key_not_marked_missing(policy: Policy, ring: KeyRing) -> None:
+    stranger = build_ring(("identity",))
+    key_id = stranger.for_class("identity").id
+    reveal_reply(reply_with({"ssn": encrypt(stranger, SSN)}), context(policy, ring), unavailable_keys={key_id})
+
+    with pytest.raises(KeyNotLoaded):
+        reveal_reply(reply_with({"ssn": encrypt(stranger, SSN)}), context(policy, ring))
+
+    assert not ring.is_missing(key_id)
+
+
+def test_reveal_unavailable_ignored_when_loaded(policy: Policy, ring: KeyRing) -> None:
+    key_id = ring.for_class("identity").id
+    reply = reply_with({"ssn": encrypt(ring, SSN)})
+
+    reveal_reply(reply, context(policy, ring), unavailable_keys={key_id})
+
+    assert first(reply)["ssn"] == SSN
+
+
+def test_reveal_other_unseen_key_still_raises(policy: Policy, ring: KeyRing) -> None:
+    unavailable = build_ring(("identity",))
+    unseen = build_ring(("clinical",))
+    reply = reply_with({"ssn": encrypt(unavailable, SSN), "notes": encrypt(unseen, "n", "clinical")})
+
+    with pytest.raises(KeyNotLoaded) as caught:
+        reveal_reply(reply, context(policy, ring), unavailable_keys={unavailable.for_class("identity").id})
+
+    assert caught.value.key_id == unseen.for_class("clinical").id
+
+
 def test_reveal_tampered_unchanged(policy: Policy, ring: KeyRing) -> None:
     payload = bytearray(encrypt(ring, SSN))
     payload[-1] ^= 0xFF
@@ -222,6 +307,18 @@ def test_reveal_tampered_unchanged(policy: Policy, ring: KeyRing) -> None:
     reply = reply_with({"ssn": tampered})
 
     reveal_reply(reply, context(policy, ring))
+
+    assert first(reply)["ssn"] is tampered
+
+
+def test_reveal_tampered_unchanged_with_redact(policy: Policy, ring: KeyRing) -> None:
+    redacting = dataclasses.replace(policy, on_key_error=View.REDACT)
+    payload = bytearray(encrypt(ring, SSN))
+    payload[-1] ^= 0xFF
+    tampered = Binary(bytes(payload), 6)
+    reply = reply_with({"ssn": tampered})
+
+    reveal_reply(reply, context(redacting, ring))
 
     assert first(reply)["ssn"] is tampered
 
