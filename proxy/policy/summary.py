@@ -26,6 +26,9 @@ def summarize_policy(policy: Policy) -> str:
         f"key vault: {policy.key_vault}",
         f"classes: {', '.join(policy.classes)}",
         f"mask view keeps the last {policy.mask_keep_last} characters",
+        f"data key cache: {policy.key_cache.ttl_seconds} s time-to-live, "
+        f"at most {policy.key_cache.max_keys} keys",
+        f"values whose key cannot be loaded: {policy.on_key_error.value}",
     ]
 
     if not policy.collections:

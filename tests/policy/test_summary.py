@@ -71,3 +71,17 @@ def test_check_does_not_need_key_file(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("keys: {master_key_file: absent.key}\nclasses: [identity]\n")
     assert "absent.key" in check_policy(path)
+
+
+def test_summary_names_key_cache_and_key_errors(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "keys: {master_key_file: master.key, cache: {ttl_seconds: 30, max_keys: 5}}\n"
+        "classes: [identity]\n"
+        "on_key_error: redact\n"
+    )
+
+    summary = check_policy(path)
+
+    assert "30 s time-to-live, at most 5 keys" in summary
+    assert "values whose key cannot be loaded: redact" in summary
