@@ -89,6 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
     disable.add_argument("--yes", action="store_true",
                          help="do not ask for confirmation (required without a terminal)")
 
+    migrate = commands.add_parser(
+        "migrate", help="encrypt the protected fields of an existing collection in place")
+    _add_key_vault_arguments(migrate)
+    migrate.add_argument("--namespace", required=True, metavar="DB.COLL",
+                         help="collection to migrate, as named in the policy")
+    migrate.add_argument("--batch-size", type=int, default=500, metavar="N",
+                         help="documents read and written per batch (default: 500)")
+
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file and summarize it")
@@ -158,6 +166,16 @@ async def _keys_command(args: argparse.Namespace) -> list[str]:
                                            class_name=args.class_name, confirm=confirm)
 
 
+def _run_migrate(args: argparse.Namespace) -> int:
+    from proxy.migrate import MigrateError, run_migrate
+
+    try:
+        return run_migrate(args.policy, args.namespace, args.upstream, args.batch_size)
+    except MigrateError as error:
+        print(f"mongoveil migrate: error: {error}", file=sys.stderr)
+        return 1
+
+
 def _run_policy_check(args: argparse.Namespace) -> int:
     from proxy.policy import check_policy
 
@@ -189,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "serve": _run_serve,
         "keys": _run_keys,
+        "migrate": _run_migrate,
         "policy": _run_policy_check,
         "demo": _run_demo,
     }
