@@ -49,7 +49,7 @@ def _wait_port(port: int) -> None:
             return
         except Exception:
             time.sleep(0.1)
-    raise RuntimeError(f"nothing answers on port {port}")
+    raise RuntimeError(f"no MongoDB server responded on port {port} within 30 s")
 
 
 def _start(command: list[str], port: int, log_path: Path) -> subprocess.Popen:
@@ -121,7 +121,7 @@ def main() -> int:
             direct_latency = None
             for path, (port, pid) in paths.items():
                 if path != "mongoveil" and protected:
-                    continue  # only the proxy can decrypt; the server holds ciphertext
+                    continue  # only the proxy can decrypt, because the server stores ciphertext
                 with MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true") as client:
                     operation(client, 0)
                     latencies, cpu = _measure(client, operation, pid)

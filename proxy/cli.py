@@ -1,4 +1,4 @@
-"""The `mongoveil` command: serve, keys, policy check and the demo."""
+"""The `mongoveil` command: serve, keys, migrate, policy check and the demo."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from proxy.session.compression import DEFAULT_COMPRESSORS
+
 log = logging.getLogger("mongoveil")
 
 DEFAULT_LISTEN = "127.0.0.1:27117"
-# The order mongod uses by default; kept here so `--help` needs no heavy imports.
-DEFAULT_COMPRESSORS = ("snappy", "zstd", "zlib")
 
 
 def _host_port(text: str) -> tuple[str, int]:

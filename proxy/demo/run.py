@@ -74,7 +74,7 @@ def _start_proxy(policy_path: Path, upstream: str, port: int, workdir: Path) -> 
     log_file = open(workdir / "mongoveil.log", "ab")
     command = [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
                "--policy", str(policy_path)]
-    # The upstream URI holds the proxy's password, so it goes through the
+    # The upstream URI contains the proxy's password, so it goes through the
     # environment rather than the process list.
     environment = dict(os.environ, MONGOVEIL_UPSTREAM=upstream)
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)

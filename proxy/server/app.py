@@ -54,7 +54,7 @@ def open_key_vault(policy: Policy, upstream_uri: str, *,
     client = AsyncMongoClient(
         upstream_uri,
         serverSelectionTimeoutMS=KEY_VAULT_TIMEOUT_MS,
-        # A key vault that accepts connections but never answers must not
+        # A key vault that accepts connections but never replies must not
         # hold a client's command (or the start-up) forever.
         timeoutMS=KEY_VAULT_TIMEOUT_MS,
         uuidRepresentation="standard",

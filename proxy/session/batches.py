@@ -3,8 +3,8 @@
 A driver fills one OP_MSG up to the server's `maxMessageSizeBytes`.
 Encryption makes each protected value longer (about 70 to 90 bytes for a
 short string), so a full batch can outgrow the limit after the rewrite. The
-proxy then sends the statements as several commands and answers the client
-with one reply, as if the server had executed one command.
+proxy then sends the statements as several commands and returns one merged
+reply to the client, as if the server had executed one command.
 
 Pure functions: no I/O.
 """
@@ -124,7 +124,8 @@ def merge_write_replies(replies: list[dict], offsets: list[int]) -> dict:
 
     Counts are added up and the statement indexes in `writeErrors` and
     `upserted` are shifted back to positions in the client's batch. A chunk
-    that failed as a command (ok: 0) answers for the whole batch.
+    that failed as a command (ok: 0) is returned as the reply to the whole
+    batch.
     """
     for reply in replies:
         if reply.get("ok") != 1:
@@ -159,7 +160,7 @@ def merge_bulk_write_replies(replies: list[dict], offsets: list[int]) -> dict:
     Each reply must hold all its results in `cursor.firstBatch` (the caller
     asks for a batch size that fits them). The counters are added up and the
     `idx` of each result is shifted back to the position in the client's
-    `ops`. A chunk that failed as a command (ok: 0) answers for the whole.
+    `ops`. A chunk that failed as a command (ok: 0) is returned as the reply to the whole command.
     """
     for reply in replies:
         if reply.get("ok") != 1:

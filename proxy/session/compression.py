@@ -50,7 +50,7 @@ def parse_compressors(text: str) -> tuple[str, ...]:
 
 @dataclass
 class LegCompression:
-    """What each leg of one connection negotiated, and what the proxy offers."""
+    """The compressors each leg of one connection negotiated, and those the proxy offers."""
 
     supported: tuple[str, ...] = DEFAULT_COMPRESSORS
     client: frozenset[CompressorId] = field(default_factory=frozenset)
@@ -58,7 +58,7 @@ class LegCompression:
     negotiated: bool = False
 
     def negotiate(self, hello_command: dict, hello_reply: dict) -> None:
-        """Record both legs' compressors and answer the client with the proxy's own choice.
+        """Record both legs' compressors and reply to the client with the proxy's own choice.
 
         `hello_reply` is changed in place: its `compression` lists what the
         proxy accepts from the client, in the client's order. Only the first
@@ -89,17 +89,6 @@ class LegCompression:
         else:
             hello_reply.pop("compression", None)
 
-    def unwrap(self, wire_frame: bytes, max_message_size: int,
-               negotiated: frozenset[CompressorId]) -> tuple[bytes, CompressorId | None]:
-        """Return the uncompressed frame and the compressor it came in, if any.
-
-        Raises ProtocolError for nested or unnegotiated compression and for
-        sizes beyond `max_message_size`.
-        """
-        if parse_header(wire_frame).op_code != OpCode.COMPRESSED:
-            return wire_frame, None
-        return decompress_frame(wire_frame, max_message_size=max_message_size, allowed=negotiated)
-
     def target(self, request_compressor: CompressorId | None, leg: frozenset[CompressorId],
                command_name: str) -> CompressorId | None:
         """Return the compressor for a message of `command_name` on a leg, or None.
@@ -112,6 +101,18 @@ class LegCompression:
         if must_not_compress(command_name):
             return None
         return request_compressor
+
+
+def unwrap_frame(wire_frame: bytes, max_message_size: int,
+                 negotiated: frozenset[CompressorId]) -> tuple[bytes, CompressorId | None]:
+    """Return the uncompressed frame and the compressor it came in, if any.
+
+    Raises ProtocolError for nested or unnegotiated compression and for
+    sizes beyond `max_message_size`.
+    """
+    if parse_header(wire_frame).op_code != OpCode.COMPRESSED:
+        return wire_frame, None
+    return decompress_frame(wire_frame, max_message_size=max_message_size, allowed=negotiated)
 
 
 def encode_for_leg(frame: bytes, wire_frame: bytes, arrived: CompressorId | None,

@@ -19,8 +19,8 @@ therefore handles one request at a time, in order:
    decoded. The rewrite layer turns each into the command to send, or into
    an error reply that goes back to the client at once.
 4. Replies are read until one arrives without `moreToCome`. Replies to
-   forwarded frames go back as the same bytes; replies to rewritten commands
-   are decoded and each encrypted value is shown in the view of the
+   forwarded frames go back as the same bytes. Replies to rewritten commands
+   are decoded, and each encrypted value is shown in the view of the
    connection's roles.
 5. When an authentication step succeeds, the pump asks the server
    `connectionStatus` on the same upstream connection and maps the answer to
@@ -67,7 +67,12 @@ from proxy.session.batches import (
     split_write,
     stops_batch,
 )
-from proxy.session.compression import DEFAULT_COMPRESSORS, LegCompression, encode_for_leg
+from proxy.session.compression import (
+    DEFAULT_COMPRESSORS,
+    LegCompression,
+    encode_for_leg,
+    unwrap_frame,
+)
 from proxy.session.handshake import BSON_SIZE_HEADROOM, HANDSHAKE_COMMANDS, rewrite_hello_reply
 from proxy.session.identity import (
     CONNECTION_STATUS_COMMAND,
@@ -114,7 +119,7 @@ _connection_ids = itertools.count(1)
 # IDLUnknownField: the server's reply to a command field it does not know.
 _UNKNOWN_FIELD = 40415
 
-# The largest cursor batch size; a bulkWrite chunk asks for all its results at once.
+# The largest cursor batch size. A bulkWrite chunk requests all its results in one batch.
 _ALL_RESULTS = 2**31 - 1
 
 # Documents may nest 100 levels; the command around them adds a few more.
@@ -308,7 +313,7 @@ class ClientSession:
     # -- requests ---------------------------------------------------------
 
     async def _handle_request(self, wire_frame: bytes) -> None:
-        frame, compressor = self.compression.unwrap(
+        frame, compressor = unwrap_frame(
             wire_frame, self.client_frames.max_message_size, self.compression.client)
         header = parse_header(frame)
 
@@ -343,7 +348,7 @@ class ClientSession:
         if plan is not None:
             to_send = await self._prepare_op_msg(frame, plan)
             if to_send is None:
-                return      # already answered by the proxy
+                return      # the proxy already replied to the client
         target = self.compression.target(compressor, self.compression.upstream, peek.name)
         await self._send_upstream(
             encode_for_leg(to_send, wire_frame, compressor, target, changed=to_send is not frame))
@@ -383,7 +388,7 @@ class ClientSession:
 
         if plan.command_name == "explain":
             # An explained command on a protected collection is rewritten like
-            # the command itself, so the server never sees its filter in clear.
+            # the command itself, so the server never receives its filter in clear.
             namespace = explained_namespace(message.body)
             plan.reveal = (bool(namespace and self.state.policy.collection(namespace))
                            or explained_command(message.body) in ("aggregate", "bulkWrite"))
@@ -409,7 +414,7 @@ class ClientSession:
         return encode_op_msg(message, header.request_id, header.response_to)
 
     async def _send_chunks(self, request_id: int, chunks: list[OpMsg], more_to_come: bool) -> None:
-        """Send a write batch as several commands and answer the client with one merged reply."""
+        """Send a write batch as several commands and reply to the client with one merged reply."""
         log.debug("conn %d from %s: write batch split into %d commands after encryption",
                   self.id, self.peer, len(chunks))
         first = chunks[0].body
@@ -461,7 +466,7 @@ class ClientSession:
                 return None
 
             wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
-            frame, _ = self.compression.unwrap(
+            frame, _ = unwrap_frame(
                 wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
             reply = parse_op_msg(frame).body
             rejected_stmt_ids = (reply.get("code") == _UNKNOWN_FIELD
@@ -501,8 +506,7 @@ class ClientSession:
             ) from error
 
     async def _check_guarded(self, frame: bytes, message: OpMsg, name: str) -> bytes | None:
-        sequences = {sequence.identifier: sequence.documents for sequence in message.sequences}
-        error = check_guarded_command(name, message.body, sequences, self.state.policy)
+        error = check_guarded_command(name, message.body, self.state.policy)
         if error is None:
             return frame
 
@@ -511,7 +515,7 @@ class ClientSession:
         return None
 
     async def _reject_legacy_opcode(self, header) -> None:
-        """Answer a legacy opcode with an error instead of forwarding it around the policy."""
+        """Reply to a legacy opcode with an error instead of forwarding it around the policy."""
         name = _LEGACY_OPCODE_NAMES.get(header.op_code, f"opcode {header.op_code}")
         log.info("conn %d from %s: rejected legacy %s", self.id, self.peer, name)
         error = CommandError(
@@ -582,7 +586,7 @@ class ClientSession:
                 await self._send_to_client(wire_frame)
                 return
 
-            frame, arrived = self.compression.unwrap(
+            frame, arrived = unwrap_frame(
                 wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
             header = parse_header(frame)
             if header.op_code != OpCode.MSG:
@@ -660,9 +664,9 @@ class ClientSession:
     def _track_cursor(self, reply: dict) -> None:
         """Remember an open cursor of a revealed reply, and forget one that is exhausted.
 
-        TODO: a killCursors of such a cursor is not seen, so its id stays
-        remembered until the connection closes; the set grows only by cursors
-        the client left open.
+        TODO: the session does not read killCursors, so a killed cursor's id
+        stays in the set until the connection closes. Only cursors that the
+        client left open make the set grow.
         """
         cursor = reply.get("cursor")
         if not isinstance(cursor, dict):

@@ -81,8 +81,7 @@ def _rename(body: dict, policy: Policy) -> CommandError | None:
     return None
 
 
-def check_guarded_command(name: str, body: dict, sequences: dict[str, list[dict]],
-                          policy: Policy) -> CommandError | None:
+def check_guarded_command(name: str, body: dict, policy: Policy) -> CommandError | None:
     """Return the error for a guarded command that reaches a protected namespace, else None."""
     if name == "aggregate":
         return _aggregate(body, policy)

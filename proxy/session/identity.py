@@ -2,7 +2,7 @@
 
 The server stays the authority on identity. The proxy lets the
 authentication conversation through unchanged, notices when it ends, and
-then asks the server `connectionStatus` on the same connection.
+then sends `connectionStatus` to the server on the same connection.
 """
 
 from __future__ import annotations

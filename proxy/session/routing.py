@@ -2,7 +2,7 @@
 
 Most frames are forwarded as the same bytes. `plan_for` decides from the
 peek at a command (its name, collection and `$db`) whether a frame must be
-decoded instead; it reads no BSON and performs no I/O.
+decoded instead. It reads no BSON and performs no I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from proxy.session.identity import AUTH_COMMANDS
 
 @dataclass
 class Plan:
-    """How one request and its replies are treated."""
+    """The treatment of one request and its replies."""
 
     command_name: str = ""
     reveal: bool = False         # decrypt and apply views

@@ -17,6 +17,7 @@ from proxy.session.compression import (
     LegCompression,
     encode_for_leg,
     parse_compressors,
+    unwrap_frame,
 )
 from proxy.wire import (
     CompressorId,
@@ -280,7 +281,7 @@ def test_negotiate_later_server_list_not_forwarded():
 def test_unwrap_uncompressed_unchanged():
     frame = ping_frame()
 
-    unwrapped, compressor = LegCompression().unwrap(frame, MAX_MESSAGE_SIZE, ALL)
+    unwrapped, compressor = unwrap_frame(frame, MAX_MESSAGE_SIZE, ALL)
 
     assert unwrapped is frame
     assert compressor is None
@@ -289,7 +290,7 @@ def test_unwrap_uncompressed_unchanged():
 def test_unwrap_uncompressed_before_negotiation():
     frame = ping_frame()
 
-    unwrapped, compressor = LegCompression().unwrap(frame, MAX_MESSAGE_SIZE, frozenset())
+    unwrapped, compressor = unwrap_frame(frame, MAX_MESSAGE_SIZE, frozenset())
 
     assert unwrapped is frame
     assert compressor is None
@@ -299,7 +300,7 @@ def test_unwrap_uncompressed_before_negotiation():
 def test_unwrap_compressed(compressor):
     frame = find_frame()
 
-    unwrapped, arrived = LegCompression().unwrap(
+    unwrapped, arrived = unwrap_frame(
         compress_frame(frame, compressor), MAX_MESSAGE_SIZE, frozenset({compressor}))
 
     assert unwrapped == frame
@@ -310,7 +311,7 @@ def test_unwrap_not_negotiated():
     wire_frame = compress_frame(ping_frame(), CompressorId.SNAPPY)
 
     with pytest.raises(ProtocolError, match="snappy was not negotiated"):
-        LegCompression().unwrap(wire_frame, MAX_MESSAGE_SIZE,
+        unwrap_frame(wire_frame, MAX_MESSAGE_SIZE,
                                 frozenset({CompressorId.ZSTD, CompressorId.ZLIB}))
 
 
@@ -318,7 +319,7 @@ def test_unwrap_nothing_negotiated():
     wire_frame = compress_frame(ping_frame(), CompressorId.ZLIB)
 
     with pytest.raises(ProtocolError, match="not negotiated"):
-        LegCompression().unwrap(wire_frame, MAX_MESSAGE_SIZE, frozenset())
+        unwrap_frame(wire_frame, MAX_MESSAGE_SIZE, frozenset())
 
 
 def test_unwrap_too_large():
@@ -326,7 +327,7 @@ def test_unwrap_too_large():
     wire_frame = compress_frame(frame, CompressorId.ZLIB)
 
     with pytest.raises(ProtocolError, match="maximum message size"):
-        LegCompression().unwrap(wire_frame, len(frame) - 1, ALL)
+        unwrap_frame(wire_frame, len(frame) - 1, ALL)
 
 
 def test_unwrap_nested():
@@ -334,7 +335,7 @@ def test_unwrap_nested():
     struct.pack_into("<i", wire_frame, 16, OpCode.COMPRESSED)
 
     with pytest.raises(ProtocolError, match="wraps another OP_COMPRESSED"):
-        LegCompression().unwrap(bytes(wire_frame), MAX_MESSAGE_SIZE, ALL)
+        unwrap_frame(bytes(wire_frame), MAX_MESSAGE_SIZE, ALL)
 
 
 # -- target --------------------------------------------------------------------------

@@ -26,9 +26,9 @@ def policy() -> Policy:
     return parse_policy(POLICY_DATA, Path("/nonexistent/policy.yaml"))
 
 
-def check(body: dict, policy: Policy, sequences: dict | None = None) -> CommandError | None:
+def check(body: dict, policy: Policy) -> CommandError | None:
     name = next(iter(body))
-    return check_guarded_command(name, body, sequences or {}, policy)
+    return check_guarded_command(name, body, policy)
 
 
 def assert_bad_value(error: CommandError | None, *fragments: str) -> None:
@@ -56,7 +56,7 @@ def test_bulk_write_not_guarded(policy):
 def test_unguarded_command_passes(policy):
     body = {"find": "visits", "filter": {"ssn": "999-00-1111"}, "$db": "clinic"}
 
-    assert check_guarded_command("find", body, {}, policy) is None
+    assert check_guarded_command("find", body, policy) is None
 
 
 # -- explain --------------------------------------------------------------------
