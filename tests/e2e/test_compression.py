@@ -18,12 +18,9 @@ server the other byte-level tests use, cannot decode OP_COMPRESSED (op code
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import subprocess
-import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -36,7 +33,6 @@ from pymongo import CursorType, MongoClient, WriteConcern, monitoring
 from pymongo.errors import OperationFailure
 
 from proxy.demo.run import load_sample_patients
-from proxy.demo.secantus import free_port
 from proxy.demo.users import CLINICIAN
 from proxy.wire import (
     CHECKSUM_PRESENT,
@@ -51,17 +47,26 @@ from proxy.wire import (
     parse_op_msg,
     parse_op_reply,
 )
+from wire_helpers import (
+    HEADER,
+    LOG_WAIT_SECONDS,
+    RecordingRelay,
+    closed_by_peer,
+    connect,
+    receive_frame,
+    start_proxy,
+    stop_proxy,
+    wait_for_log_line,
+    wait_until_listening,
+)
 
 DATABASE, COLLECTION = "clinic", "patients"
 
-HEADER = struct.Struct("<iiii")
 # The byte of OP_COMPRESSED that names the compressor: after the header,
 # originalOpcode and uncompressedSize.
 COMPRESSOR_OFFSET = 24
 MAX_MESSAGE_SIZE = 48_000_000
 
-SOCKET_TIMEOUT_SECONDS = 10.0
-LOG_WAIT_SECONDS = 5.0
 START_TIMEOUT_SECONDS = 30.0
 
 # Each pymongo run takes its own slice of the sample patients, so the runs never share an _id.
@@ -105,29 +110,6 @@ def body_of(frame: bytes) -> dict:
 # -- sockets -----------------------------------------------------------------------------
 
 
-def connect(address: str) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_SECONDS)
-    sock.settimeout(SOCKET_TIMEOUT_SECONDS)
-    return sock
-
-
-def receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-def receive_frame(sock: socket.socket) -> bytes:
-    """Read one whole frame, header included."""
-    header = receive_exactly(sock, HEADER.size)
-    return header + receive_exactly(sock, HEADER.unpack(header)[0] - HEADER.size)
-
-
 def exchange(sock: socket.socket, frame: bytes) -> bytes:
     sock.sendall(frame)
     return receive_frame(sock)
@@ -141,102 +123,14 @@ def hello(sock: socket.socket, compressors: list[str] | None, request_id: int = 
     return body_of(exchange(sock, op_msg(command, request_id)))
 
 
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Return whether the peer closed the connection: EOF or a reset, before the timeout."""
-    try:
-        return sock.recv(65536) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
-
-
-def wait_for_log_line(log_path: Path, pattern: str) -> str | None:
-    """Return the first log line that matches `pattern`, polling while the proxy writes it."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    while True:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if regex.search(line):
-                return line
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.1)
-
-
 # -- a relay that records frames -------------------------------------------------------
 
 
-class FrameTap:
-    """A TCP relay on 127.0.0.1 in front of `target` that keeps a copy of every frame.
-
-    `requests` contains the frames clients sent and `replies` the frames the
-    target sent back, each as whole frames in arrival order, across all
-    connections.
-    """
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.requests: list[bytes] = []
-        self.replies: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._sockets: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._start(self._accept_loop)
-
-    def close(self) -> None:
-        self._stopping.set()
-        for sock in self._sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._listener.close()
-
-    def _start(self, target, *args) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            upstream = socket.create_connection(self.target)
-            self._sockets += [client, upstream]
-            self._start(self._pipe, client, upstream, self.requests)
-            self._start(self._pipe, upstream, client, self.replies)
-
-    def _pipe(self, source: socket.socket, destination: socket.socket,
-              record: list[bytes]) -> None:
-        try:
-            while True:
-                frame = receive_frame(source)
-                record.append(frame)
-                destination.sendall(frame)
-        except (ConnectionError, OSError):
-            # Either side closed: close the other so its reader stops as well.
-            for sock in (source, destination):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+class FrameTap(RecordingRelay):
+    """A `RecordingRelay` that finds its recorded requests by command name."""
 
     def requests_named(self, command_name: str) -> list[bytes]:
         return [frame for frame in self.requests if next(iter(body_of(frame))) == command_name]
-
-    def reply_to(self, request: bytes) -> bytes:
-        request_id = HEADER.unpack_from(request)[1]
-        return next(frame for frame in self.replies if HEADER.unpack_from(frame)[2] == request_id)
 
 
 class CommandNames(monitoring.CommandListener):
@@ -256,39 +150,12 @@ class CommandNames(monitoring.CommandListener):
 # -- a second proxy ----------------------------------------------------------------------
 
 
-def start_proxy(deployment, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
+def start_second_proxy(deployment, folder: Path, *options: str) -> tuple[subprocess.Popen, str, Path]:
     """Start `mongoveil serve` in front of the test server; return (process, address, log)."""
-    port = free_port()
     log_path = folder / "mongoveil.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "--log-level", "DEBUG", "serve",
-             "--listen", f"127.0.0.1:{port}", "--upstream", deployment.service_uri(),
-             "--policy", str(deployment.policy_path), *options],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    return process, f"127.0.0.1:{port}", log_path
-
-
-def wait_until_listening(address: str, process: subprocess.Popen) -> bool:
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def stop_proxy(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    process, address = start_proxy(deployment.service_uri(), deployment.policy_path, log_path,
+                                   *options)
+    return process, address, log_path
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -320,9 +187,9 @@ def tap(deployment) -> Iterator[FrameTap]:
 @pytest.fixture
 def disabled_proxy(deployment, tmp_path) -> Iterator[tuple[str, Path]]:
     """A second proxy with `--compressors disabled`; yields its address and log file."""
-    process, address, log_path = start_proxy(deployment, tmp_path, "--compressors", "disabled")
+    process, address, log_path = start_second_proxy(deployment, tmp_path, "--compressors", "disabled")
     try:
-        if not wait_until_listening(address, process):
+        if not wait_until_listening(address, process, START_TIMEOUT_SECONDS):
             pytest.fail(f"mongoveil did not listen within {START_TIMEOUT_SECONDS} s; "
                         f"log:\n{log_path.read_text()}")
         yield address, log_path

@@ -14,8 +14,6 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,14 @@ from mockupdb import MockupDB, OpMsg, OpMsgReply, going
 from pymongo import MongoClient, monitoring
 
 from proxy.crypto.master_key import create_local_master_key_file
-from proxy.demo.secantus import free_port
+from wire_helpers import (
+    HEADER,
+    connect,
+    receive_frame,
+    start_proxy,
+    stop_proxy,
+    wait_until_listening,
+)
 
 OP_MSG = 2013
 MORE_TO_COME = 1 << 1
@@ -38,8 +43,6 @@ EXHAUST_ALLOWED = 1 << 16
 MAX_WIRE_VERSION = 21
 
 START_TIMEOUT_SECONDS = 15.0
-SOCKET_TIMEOUT_SECONDS = 10.0
-HEADER = struct.Struct("<iiii")
 
 POLICY = """\
 keys:
@@ -66,23 +69,6 @@ def op_msg(body: dict, request_id: int, flags: int = 0,
         section = identifier.encode() + b"\x00" + b"".join(bson.encode(doc) for doc in documents)
         payload += b"\x01" + struct.pack("<i", 4 + len(section)) + section
     return HEADER.pack(HEADER.size + len(payload), request_id, 0, OP_MSG) + payload
-
-
-def receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-def receive_frame(sock: socket.socket) -> bytes:
-    """Read one whole frame, header included."""
-    header = receive_exactly(sock, HEADER.size)
-    length = HEADER.unpack(header)[0]
-    return header + receive_exactly(sock, length - HEADER.size)
 
 
 # -- the mock and its byte recorder ----------------------------------------------------
@@ -158,47 +144,18 @@ def write_policy(folder: Path) -> Path:
     return path
 
 
-def start_proxy(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, str, Path]:
+def start_mock_proxy(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, str, Path]:
     """Start `mongoveil serve` in front of 127.0.0.1:`upstream_port`; return (process, address, log)."""
-    port = free_port()
     log_path = folder / "mongoveil.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "--log-level", "INFO", "serve",
-             "--listen", f"127.0.0.1:{port}",
-             "--upstream", f"mongodb://127.0.0.1:{upstream_port}/?directConnection=true",
-             "--policy", str(write_policy(folder))],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    return process, f"127.0.0.1:{port}", log_path
-
-
-def wait_until_listening(address: str, process: subprocess.Popen, timeout: float) -> bool:
-    """Return whether `address` accepts connections within `timeout` seconds."""
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
-
-
-def stop_proxy(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    process, address = start_proxy(f"mongodb://127.0.0.1:{upstream_port}/?directConnection=true",
+                                   write_policy(folder), log_path, log_level="INFO")
+    return process, address, log_path
 
 
 @pytest.fixture(scope="module")
 def proxy(mock, tmp_path_factory) -> Iterator[str]:
     """The address of a proxy in front of the mock."""
-    process, address, log_path = start_proxy(tmp_path_factory.mktemp("proxy"), mock.port)
+    process, address, log_path = start_mock_proxy(tmp_path_factory.mktemp("proxy"), mock.port)
     try:
         if not wait_until_listening(address, process, START_TIMEOUT_SECONDS):
             pytest.fail(f"mongoveil did not listen within {START_TIMEOUT_SECONDS} s; "
@@ -211,9 +168,7 @@ def proxy(mock, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture
 def raw(proxy) -> Iterator[socket.socket]:
     """A raw TCP connection to the proxy."""
-    host, port = proxy.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_SECONDS)
-    sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+    sock = connect(proxy)
     yield sock
     sock.close()
 
@@ -226,7 +181,7 @@ def test_proxy_starts_with_silent_key_vault(tmp_path):
     # proxy from listening, because traffic on unprotected collections needs no keys.
     silent = MockupDB(auto_ismaster=True, max_wire_version=MAX_WIRE_VERSION)
     silent.run()
-    process, address, log_path = start_proxy(tmp_path, silent.port)
+    process, address, log_path = start_mock_proxy(tmp_path, silent.port)
     try:
         listening = wait_until_listening(address, process, START_TIMEOUT_SECONDS)
     finally:

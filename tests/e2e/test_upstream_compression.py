@@ -19,12 +19,7 @@ among the frames of other connections (monitoring, key vault).
 
 from __future__ import annotations
 
-import socket
-import struct
 import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,15 +31,14 @@ from bson import Binary
 from pymongo import MongoClient
 
 from proxy.crypto.master_key import create_local_master_key_file
-from proxy.demo.secantus import free_port
 from proxy.demo.users import CLINICIAN
 from proxy.wire import CompressorId, OpCode, decompress_frame, parse_op_msg
+from wire_helpers import HEADER, RecordingRelay, start_proxy, stop_proxy, wait_until_listening
 
 DATABASE = "clinic"
 PROTECTED = "patients"                    # a namespace that the test policy protects
 UNPROTECTED = "upstream_compression_plain"
 
-HEADER = struct.Struct("<iiii")
 # The compressorId byte of OP_COMPRESSED: after the header, originalOpcode
 # and uncompressedSize.
 COMPRESSOR_OFFSET = 24
@@ -75,102 +69,15 @@ def decoded(frame: bytes):
     return parse_op_msg(frame)
 
 
-def receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-def receive_frame(sock: socket.socket) -> bytes:
-    header = receive_exactly(sock, HEADER.size)
-    return header + receive_exactly(sock, HEADER.unpack(header)[0] - HEADER.size)
-
-
 # -- a relay that records frames -------------------------------------------------------
 
 
-class UpstreamTap:
-    """A TCP relay on 127.0.0.1 in front of `target` that keeps a copy of every whole frame.
-
-    `requests` contains the frames that clients sent to the target and
-    `replies` the frames it sent back, in arrival order across all
-    connections. Each frame is recorded before it is passed on, so a reply
-    is recorded before the client can read it.
-    """
-
-    def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.requests: list[bytes] = []
-        self.replies: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._sockets: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._start_thread(self._accept_connections)
-
-    def close(self) -> None:
-        self._stopping.set()
-        for sock in self._sockets:
-            _shut_down(sock)
-            sock.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._listener.close()
+class UpstreamTap(RecordingRelay):
+    """A `RecordingRelay` that finds its recorded requests by their `comment` field."""
 
     def commented(self, comment: str) -> list[bytes]:
         """Return the requests whose command has `comment` as its `comment` field."""
         return [frame for frame in self.requests if decoded(frame).body.get("comment") == comment]
-
-    def reply_to(self, request: bytes) -> bytes | None:
-        request_id = HEADER.unpack_from(request)[1]
-        return next((frame for frame in self.replies
-                     if HEADER.unpack_from(frame)[2] == request_id), None)
-
-    def _start_thread(self, target, *args) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_connections(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            self._sockets += [client, server]
-            self._start_thread(self._relay, client, server, self.requests)
-            self._start_thread(self._relay, server, client, self.replies)
-
-    def _relay(self, source: socket.socket, destination: socket.socket,
-               record: list[bytes]) -> None:
-        try:
-            while True:
-                frame = receive_frame(source)
-                record.append(frame)
-                destination.sendall(frame)
-        except OSError:
-            # One side closed, so close the other to stop its relay thread too.
-            _shut_down(source)
-            _shut_down(destination)
-
-
-def _shut_down(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 # -- the chain of proxies ----------------------------------------------------------------
@@ -199,44 +106,15 @@ def write_pass_through_policy(folder: Path) -> Path:
     return path
 
 
-def start_proxy(upstream_uri: str, policy_path: Path, log_path: Path,
-                *options: str) -> tuple[subprocess.Popen, str]:
-    """Start `mongoveil serve` on a free port; return the process and its address."""
-    port = free_port()
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "--log-level", "DEBUG", "serve",
-             "--listen", f"127.0.0.1:{port}", "--upstream", upstream_uri,
-             "--policy", str(policy_path), *options],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    address = f"127.0.0.1:{port}"
-    if not wait_until_listening(address, process):
+def start_listening_proxy(upstream_uri: str, policy_path: Path, log_path: Path,
+                          *options: str) -> tuple[subprocess.Popen, str]:
+    """Start `mongoveil serve` and wait until it listens; return the process and its address."""
+    process, address = start_proxy(upstream_uri, policy_path, log_path, *options)
+    if not wait_until_listening(address, process, START_TIMEOUT_SECONDS):
         stop_proxy(process)
         raise RuntimeError(f"mongoveil at {address} did not listen within "
                            f"{START_TIMEOUT_SECONDS} s; log:\n{log_path.read_text()}")
     return process, address
-
-
-def wait_until_listening(address: str, process: subprocess.Popen) -> bool:
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def stop_proxy(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -247,15 +125,15 @@ def chain(deployment, tmp_path_factory) -> Iterator[Chain]:
     tap = None
     try:
         log_b = folder / "proxy-b.log"
-        proxy_b, address_b = start_proxy(deployment.service_uri(),
-                                         write_pass_through_policy(folder), log_b,
-                                         "--compressors", "zlib,zstd,snappy")
+        proxy_b, address_b = start_listening_proxy(deployment.service_uri(),
+                                                   write_pass_through_policy(folder), log_b,
+                                                   "--compressors", "zlib,zstd,snappy")
         processes.append(proxy_b)
         tap = UpstreamTap(address_b)
 
         log_a = folder / "proxy-a.log"
-        proxy_a, address_a = start_proxy(deployment.service_uri(tap.address),
-                                         deployment.policy_path, log_a)
+        proxy_a, address_a = start_listening_proxy(deployment.service_uri(tap.address),
+                                                   deployment.policy_path, log_a)
         processes.append(proxy_a)
         yield Chain(address_a, tap, log_a, log_b)
     finally:

@@ -11,10 +11,8 @@ on the proxy's own encoders.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
-import time
 from collections.abc import Iterator
 
 import bson
@@ -23,6 +21,7 @@ import pytest
 from pymongo import MongoClient
 
 from proxy.demo.users import CLINICIAN
+from wire_helpers import HEADER, closed_by_peer, connect, receive_frame, wait_for_log_line
 
 OP_REPLY = 1
 OP_UPDATE = 2001
@@ -38,11 +37,6 @@ QUERY_FAILURE = 1 << 1          # OP_REPLY responseFlags bit 1
 
 # MongoDB's default maxMessageSizeBytes.
 MAX_MESSAGE_SIZE = 48_000_000
-
-SOCKET_TIMEOUT_SECONDS = 10.0
-LOG_WAIT_SECONDS = 5.0
-
-HEADER = struct.Struct("<iiii")
 
 
 # -- frames built by hand ------------------------------------------------------
@@ -76,27 +70,11 @@ def op_query(collection: str, query: dict, request_id: int = 7) -> bytes:
 # -- socket helpers ------------------------------------------------------------
 
 
-def connect(address: str) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_SECONDS)
-    sock.settimeout(SOCKET_TIMEOUT_SECONDS)
-    return sock
-
-
-def receive_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-def receive_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
+def receive_parts(sock: socket.socket) -> tuple[int, int, int, bytes]:
     """Read one whole frame; return (request_id, response_to, op_code, payload)."""
-    length, request_id, response_to, op_code = HEADER.unpack(receive_exactly(sock, HEADER.size))
-    return request_id, response_to, op_code, receive_exactly(sock, length - HEADER.size)
+    frame = receive_frame(sock)
+    _length, request_id, response_to, op_code = HEADER.unpack_from(frame)
+    return request_id, response_to, op_code, frame[HEADER.size:]
 
 
 def op_msg_body(payload: bytes) -> dict:
@@ -110,29 +88,6 @@ def op_reply_documents(payload: bytes) -> tuple[int, list[dict]]:
     """Return (responseFlags, documents) of an OP_REPLY payload."""
     flags, _cursor_id, _starting_from, count = struct.unpack_from("<iqii", payload)
     return flags, bson.decode_all(payload[20:])[:count]
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Return whether the peer closed the connection: EOF or a reset, before the timeout."""
-    try:
-        return sock.recv(65536) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
-
-
-def wait_for_log_line(log_path, pattern: str) -> str | None:
-    """Return the first log line that matches `pattern`, polling while the proxy writes it."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    while True:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if regex.search(line):
-                return line
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.1)
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -257,7 +212,7 @@ def test_legacy_opcode_error_reply(deployment, build, name):
     request_id = HEADER.unpack_from(request)[1]
     with connect(deployment.proxy_address) as sock:
         sock.sendall(request)
-        _reply_id, response_to, op_code, payload = receive_frame(sock)
+        _reply_id, response_to, op_code, payload = receive_parts(sock)
 
     flags, documents = op_reply_documents(payload)
     assert op_code == OP_REPLY
@@ -272,9 +227,9 @@ def test_legacy_opcode_error_reply(deployment, build, name):
 def test_legacy_opcode_keeps_connection(deployment, doctor, build, name):
     with connect(deployment.proxy_address) as sock:
         sock.sendall(build())
-        receive_frame(sock)
+        receive_parts(sock)
         sock.sendall(op_msg({"ping": 1, "$db": "admin"}, request_id=66))
-        _ping_id, response_to, op_code, payload = receive_frame(sock)
+        _ping_id, response_to, op_code, payload = receive_parts(sock)
 
     assert op_code == OP_MSG
     assert response_to == 66
@@ -287,7 +242,7 @@ def test_legacy_opcode_logged(deployment, build, name):
     with connect(deployment.proxy_address) as sock:
         local_port = sock.getsockname()[1]
         sock.sendall(build())
-        receive_frame(sock)
+        receive_parts(sock)
 
     line = wait_for_log_line(
         deployment.log_path, rf"conn \d+ from 127\.0\.0\.1:{local_port}: rejected legacy {name}\b"
@@ -301,7 +256,7 @@ def test_legacy_opcode_logged(deployment, build, name):
 def test_op_query_command_rejected(deployment):
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_query("admin.$cmd", {"ping": 1}, request_id=41))
-        _request_id, response_to, op_code, payload = receive_frame(sock)
+        _request_id, response_to, op_code, payload = receive_parts(sock)
 
     flags, documents = op_reply_documents(payload)
     assert op_code == OP_REPLY
@@ -316,7 +271,7 @@ def test_op_query_command_rejected(deployment):
 def test_op_query_find_rejected(deployment):
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_query("clinic.patients", {"ssn": "999-00-0000"}, request_id=42))
-        _request_id, response_to, op_code, payload = receive_frame(sock)
+        _request_id, response_to, op_code, payload = receive_parts(sock)
 
     flags, documents = op_reply_documents(payload)
     assert op_code == OP_REPLY
@@ -332,11 +287,11 @@ def test_op_query_handshake(deployment):
              "client": {"application": {"name": "wire-robustness"}}}
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_query("admin.$cmd", hello, request_id=43))
-        _request_id, response_to, op_code, payload = receive_frame(sock)
+        _request_id, response_to, op_code, payload = receive_parts(sock)
 
         # The same connection then speaks OP_MSG.
         sock.sendall(op_msg({"ping": 1, "$db": "admin"}, request_id=44))
-        _ping_id, ping_response_to, ping_op_code, ping_payload = receive_frame(sock)
+        _ping_id, ping_response_to, ping_op_code, ping_payload = receive_parts(sock)
 
     flags, documents = op_reply_documents(payload)
     assert op_code == OP_REPLY
@@ -390,7 +345,7 @@ def test_raw_hello_compression_answered(deployment):
     hello = {"hello": 1, "compression": ["zlib", "lz4", "zstd", "snappy"], "$db": "admin"}
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_msg(hello, request_id=45))
-        _request_id, response_to, op_code, payload = receive_frame(sock)
+        _request_id, response_to, op_code, payload = receive_parts(sock)
 
     reply = op_msg_body(payload)
     assert op_code == OP_MSG
@@ -405,7 +360,7 @@ def test_raw_hello_compression_answered(deployment):
 def test_checksummed_ping_answered(deployment):
     with connect(deployment.proxy_address) as sock:
         sock.sendall(op_msg({"ping": 1, "$db": "admin"}, request_id=46, checksum=True))
-        _request_id, response_to, op_code, payload = receive_frame(sock)
+        _request_id, response_to, op_code, payload = receive_parts(sock)
 
     assert op_code == OP_MSG
     assert response_to == 46
