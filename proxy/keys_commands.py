@@ -17,7 +17,7 @@ from pathlib import Path
 
 from proxy.crypto.data_key import class_alt_name
 from proxy.crypto.key_document import KeyInfo
-from proxy.crypto.key_vault import KeyVault
+from proxy.keys.vault import KeyVault
 from proxy.crypto.master_key import create_local_master_key_file
 from proxy.policy import Policy, load_policy
 from proxy.server.app import open_key_vault
@@ -43,7 +43,9 @@ async def init_keys(policy_path: Path, upstream_uri: str) -> list[str]:
     """Create what is missing and return one line per action for the operator."""
     policy = load_policy(policy_path)
     lines = []
-    if create_local_master_key_file(policy.master_key_file):
+    if policy.master_key_file is None:
+        lines.append(f"master key {policy.master_key!r}: held by its {policy.active_master_key.provider} provider")
+    elif create_local_master_key_file(policy.master_key_file):
         lines.append(f"created master key file {policy.master_key_file} (mode 0600); back it up: "
                      "without it no protected value can be decrypted")
     else:

@@ -72,7 +72,16 @@ class KeyDocumentError(Exception):
 
 
 class MasterKeyError(Exception):
-    """The master key file is missing, unreadable or invalid.
+    """A master key cannot be used: its file or setting is missing or invalid.
 
     The message names the path and the problem, never the file's content.
+    """
+
+
+class MasterKeyUnavailable(MasterKeyError):
+    """A master-key provider could not be reached, or refused to wrap or unwrap.
+
+    The message names the master key (its policy name and provider) and the
+    reason, such as a connection error or the KMS's error code. It never holds
+    key material or credentials.
     """

@@ -87,40 +87,76 @@ def new_key_document(
     return document
 
 
-def data_key_from_document(
-    doc: Mapping[str, object], master_key: LocalMasterKey
-) -> DataKey:
-    """Unwrap the key material of a key document and return the data key.
+@dataclass(frozen=True, repr=False)
+class WrappedKey:
+    """A key document checked against the schema, its key material still wrapped."""
 
-    Raises KeyDocumentError naming the key id and the field when the document
-    does not follow the schema, names another master key provider than "local",
-    or its key material cannot be unwrapped with ``master_key``.
+    id: uuid.UUID
+    alt_names: tuple[str, ...]
+    key_material: bytes
+    master_key: Mapping[str, object]
+
+    @property
+    def provider(self) -> object:
+        return self.master_key.get("provider")
+
+    def __repr__(self) -> str:
+        return f"WrappedKey(id={self.id!r}, provider={self.provider!r})"
+
+
+def wrapped_key_from_document(doc: Mapping[str, object]) -> WrappedKey:
+    """Check a key document against the schema and return its parts.
+
+    Raises KeyDocumentError naming the key id and the field when _id,
+    keyAltNames, keyMaterial or masterKey break the schema.
     """
     key_id = _read_key_id(doc)
     alt_names = _read_alt_names(doc, key_id)
 
     master_key_doc = doc.get("masterKey")
-    provider = master_key_doc.get("provider") if isinstance(master_key_doc, Mapping) else None
-    if provider != LOCAL_PROVIDER:
+    if not isinstance(master_key_doc, Mapping) or not isinstance(
+        master_key_doc.get("provider"), str
+    ):
         raise KeyDocumentError(
-            f"key document {key_id}: masterKey.provider {provider!r} is not supported, "
-            f"only {LOCAL_PROVIDER!r}",
-            key_id,
+            f"key document {key_id}: masterKey is not a document with a provider", key_id
         )
 
     wrapped = doc.get("keyMaterial")
     if not isinstance(wrapped, bytes):
         raise KeyDocumentError(f"key document {key_id}: keyMaterial is not binary data", key_id)
-    try:
-        material = master_key.unwrap(wrapped)
-    except DecryptionError:
-        raise KeyDocumentError(
-            f"key document {key_id}: keyMaterial cannot be unwrapped with the "
-            "configured master key (wrong master key, or the document was changed)",
-            key_id,
-        ) from None
+    return WrappedKey(key_id, alt_names, bytes(wrapped), master_key_doc)
 
-    return DataKey(key_id, material, alt_names)
+
+def unwrap_failed(key_id: uuid.UUID, master_key_name: str) -> KeyDocumentError:
+    """The error for key material that the master key named by its document cannot unwrap."""
+    return KeyDocumentError(
+        f"key document {key_id}: keyMaterial cannot be unwrapped with master key "
+        f"{master_key_name!r} (wrong master key, or the document was changed)",
+        key_id,
+    )
+
+
+def data_key_from_document(
+    doc: Mapping[str, object], master_key: LocalMasterKey
+) -> DataKey:
+    """Unwrap the key material of a "local" key document and return the data key.
+
+    Raises KeyDocumentError naming the key id and the field when the document
+    does not follow the schema, names another master key provider than "local",
+    or its key material cannot be unwrapped with ``master_key``.
+    """
+    wrapped = wrapped_key_from_document(doc)
+    if wrapped.provider != LOCAL_PROVIDER:
+        raise KeyDocumentError(
+            f"key document {wrapped.id}: masterKey.provider {wrapped.provider!r} is not "
+            f"supported, only {LOCAL_PROVIDER!r}",
+            wrapped.id,
+        )
+    try:
+        material = master_key.unwrap(wrapped.key_material)
+    except DecryptionError:
+        raise unwrap_failed(wrapped.id, LOCAL_PROVIDER) from None
+    return DataKey(wrapped.id, material, wrapped.alt_names)
 
 
 def key_info_from_document(doc: Mapping[str, object]) -> KeyInfo:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
-from .model import CollectionPolicy, FieldRule, IdentityRule, KeyCacheSettings, Policy, View
+from .master_keys import MasterKeysParser
+from .model import CollectionPolicy, MasterKeyConfig, FieldRule, IdentityRule, KeyCacheSettings, Policy, View
 from .names import (
     field_path_problem,
     identifier_problem,
@@ -25,6 +26,7 @@ from .yaml_file import read_policy_yaml
 TOP_LEVEL_KEYS = (
     "keys", "classes", "views", "collections", "roles", "identity", "default_role", "on_key_error",
 )
+KEYS_KEYS = ("master_key_file", "master_keys", "master_key", "key_vault", "cache")
 DEFAULT_KEY_VAULT = "encryption.__keyVault"
 DEFAULT_MASK_KEEP_LAST = 4
 ALGORITHMS = ("deterministic", "random")
@@ -50,7 +52,7 @@ def parse_policy(data: object, source: Path) -> Policy:
     return _PolicyParser(Path(source)).parse(data)
 
 
-class _PolicyParser(ShapeChecker):
+class _PolicyParser(MasterKeysParser):
     """Policy validation with one method per section, each returning that section's model objects."""
 
     def parse(self, data: object) -> Policy:
@@ -62,21 +64,23 @@ class _PolicyParser(ShapeChecker):
         top = self.mapping(data, "")
         self.check_keys(top, "", TOP_LEVEL_KEYS, required=("keys", "classes"))
 
-        master_key_file, key_vault = self.parse_keys(top["keys"])
-        classes = self.parse_classes(top["classes"])
+        master_keys, master_key, key_vault = self.parse_keys(top["keys"])
+        classes, key_per = self.parse_classes(top["classes"])
         key_cache = self.parse_key_cache(top["keys"].get("cache"), classes)
         on_key_error = self.choice(
             top.get("on_key_error", View.CIPHERTEXT.value), "on_key_error", KEY_ERROR_VIEWS, "view"
         )
         keep_last = self.parse_views(top.get("views"))
         collections = self.parse_collections(top.get("collections"), classes, key_vault)
+        self.check_subject_fields(key_per, collections)
         roles = self.parse_roles(top.get("roles"), classes)
         identity = self.parse_identity(top.get("identity"), roles)
         default_role = self.parse_default_role(top.get("default_role"), roles)
 
         return Policy(
             source=self.source,
-            master_key_file=master_key_file,
+            master_keys=master_keys,
+            master_key=master_key,
             key_vault=key_vault,
             classes=classes,
             collections=collections,
@@ -86,21 +90,20 @@ class _PolicyParser(ShapeChecker):
             mask_keep_last=keep_last,
             key_cache=key_cache,
             on_key_error=View(on_key_error),
+            key_per=key_per,
         )
 
-    def parse_keys(self, value: object) -> tuple[Path, str]:
-        """Return the absolute master key file and the key vault namespace."""
+    def parse_keys(self, value: object) -> tuple[tuple[MasterKeyConfig, ...], str, str]:
+        """Return the master keys, the name of the active one and the key vault namespace."""
         keys = self.mapping(value, "keys")
-        self.check_keys(keys, "keys", ("master_key_file", "key_vault", "cache"), required=("master_key_file",))
-
-        name = self.string(keys["master_key_file"], "keys.master_key_file")
-        master_key_file = self.source.absolute().parent / Path(name).expanduser()
+        self.check_keys(keys, "keys", KEYS_KEYS)
+        master_keys, master_key = self.parse_master_keys(keys)
 
         key_vault = self.string(keys.get("key_vault", DEFAULT_KEY_VAULT), "keys.key_vault")
         problem = namespace_problem(key_vault)
         if problem is not None:
             self.fail("keys.key_vault", problem)
-        return master_key_file, key_vault
+        return master_keys, master_key, key_vault
 
     def parse_key_cache(self, value: object, classes: tuple[str, ...]) -> KeyCacheSettings:
         """Return the limits of the data key cache, checked against the declared classes."""
@@ -123,7 +126,15 @@ class _PolicyParser(ShapeChecker):
             )
         return KeyCacheSettings(ttl_seconds=ttl, max_keys=max_keys)
 
-    def parse_classes(self, value: object) -> tuple[str, ...]:
+    def parse_classes(self, value: object) -> tuple[tuple[str, ...], dict[str, str]]:
+        """Return the class names and, for classes keyed per data subject, the subject field.
+
+        `classes` is a list of names, or a mapping from each name to its options
+        (`{key_per: FIELD}` or nothing).
+        """
+        if isinstance(value, dict):
+            return self.parse_class_mapping(self.mapping(value, "classes"))
+
         items = self.sequence(value, "classes")
         if not items:
             self.fail("classes", "the list is empty; declare at least one data class, for example [identity]")
@@ -131,14 +142,60 @@ class _PolicyParser(ShapeChecker):
         classes: list[str] = []
         for index, item in enumerate(items):
             where = item_path("classes", index)
-            name = self.string(item, where)
-            problem = identifier_problem(name)
-            if problem is not None:
-                self.fail(where, problem)
+            name = self.class_name(item, where)
             if name in classes:
                 self.fail(where, f"the class {name!r} is declared twice")
             classes.append(name)
-        return tuple(classes)
+        return tuple(classes), {}
+
+    def parse_class_mapping(self, entries: dict[str, object]) -> tuple[tuple[str, ...], dict[str, str]]:
+        if not entries:
+            self.fail("classes", "the mapping is empty; declare at least one data class, for example {identity: {}}")
+
+        key_per: dict[str, str] = {}
+        for name, options in entries.items():
+            where = child_path("classes", name)
+            self.class_name(name, where)
+            options = self.optional_mapping(options, where)
+            self.check_keys(options, where, ("key_per",))
+            if "key_per" in options:
+                field_where = child_path(where, "key_per")
+                subject_field = self.string(options["key_per"], field_where)
+                problem = field_path_problem(subject_field)
+                if problem is not None:
+                    self.fail(field_where, problem)
+                key_per[name] = subject_field
+        return tuple(entries), key_per
+
+    def class_name(self, value: object, where: str) -> str:
+        name = self.string(value, where)
+        problem = identifier_problem(name)
+        if problem is not None:
+            self.fail(where, problem)
+        return name
+
+    def check_subject_fields(
+        self, key_per: dict[str, str], collections: dict[str, CollectionPolicy]
+    ) -> None:
+        """Reject a subject field that is itself protected.
+
+        The proxy reads the subject from the document in clear to choose the data
+        key, so a protected subject field could not name its key.
+        """
+        for class_name, subject_field in key_per.items():
+            for namespace, collection in collections.items():
+                rule = collection.rule_for(subject_field) or next(
+                    (rule for path, rule in collection.fields.items()
+                     if path.startswith(subject_field + ".")),
+                    None,
+                )
+                if rule is not None:
+                    self.fail(
+                        child_path(child_path("classes", class_name), "key_per"),
+                        f"{subject_field!r} is protected in {namespace} (class "
+                        f"{rule.class_name!r}); the field that names the data subject must "
+                        "stay unprotected",
+                    )
 
     def parse_views(self, value: object) -> int:
         """Return the number of trailing characters the mask view keeps."""

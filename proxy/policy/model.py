@@ -6,8 +6,8 @@ code here assumes a consistent policy (every class and role it names exists).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -116,11 +116,28 @@ class KeyCacheSettings:
 
 
 @dataclass(frozen=True)
+class MasterKeyConfig:
+    """One master key of `keys.master_keys`: its name in the policy, its provider and settings.
+
+    `settings` holds the provider's options as the policy spells them, for example
+    {"region": "eu-west-1", "key": "arn:aws:kms:..."} for "aws". Relative file paths
+    in it are already absolute. It never holds credentials, which each provider reads
+    from the places its vendor documents.
+    """
+
+    name: str
+    provider: str
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole validated policy file.
 
-    `source` is the policy file as given to the loader. `master_key_file` is absolute,
-    resolved against the folder of `source`. `roles` maps each policy role to the views it
+    `source` is the policy file as given to the loader. `master_keys` are the configured
+    master keys and `master_key` names the one that wraps new data keys; the others
+    only unwrap existing keys. `key_per` maps a class with one data key per data subject
+    to the field that names the subject. `roles` maps each policy role to the views it
     names, and a class that a role does not name is REDACT for that role. `default_role`
     is given to connections that no identity rule matches. `on_key_error` is CIPHERTEXT
     or REDACT: what a reply carries in place of a value whose data key cannot be loaded
@@ -128,7 +145,8 @@ class Policy:
     """
 
     source: Path
-    master_key_file: Path
+    master_keys: tuple[MasterKeyConfig, ...]
+    master_key: str
     key_vault: str
     classes: tuple[str, ...]
     collections: dict[str, CollectionPolicy]
@@ -138,6 +156,27 @@ class Policy:
     mask_keep_last: int = 4
     key_cache: KeyCacheSettings = KeyCacheSettings()
     on_key_error: View = View.CIPHERTEXT
+    key_per: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def active_master_key(self) -> MasterKeyConfig:
+        """The master key that wraps new data keys."""
+        for config in self.master_keys:
+            if config.name == self.master_key:
+                return config
+        raise LookupError(f"master key {self.master_key!r} is not configured")
+
+    @property
+    def master_key_file(self) -> Path | None:
+        """The key file of the active master key when it is a "local" key read from a file."""
+        active = self.active_master_key
+        if active.provider != "local" or "file" not in active.settings:
+            return None
+        return Path(active.settings["file"])
+
+    def master_key_named(self, name: str) -> MasterKeyConfig | None:
+        """Return the configured master key called `name`, or None."""
+        return next((config for config in self.master_keys if config.name == name), None)
 
     def collection(self, namespace: str) -> CollectionPolicy | None:
         """Return the policy of the collection "db.coll", or None when it has no protected field."""

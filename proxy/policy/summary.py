@@ -22,9 +22,9 @@ def summarize_policy(policy: Policy) -> str:
     """Describe a policy in a few lines: keys, classes, protected fields, roles and identity."""
     lines = [
         f"{policy.source}: valid policy",
-        f"master key file: {policy.master_key_file}",
+        *_master_key_lines(policy),
         f"key vault: {policy.key_vault}",
-        f"classes: {', '.join(policy.classes)}",
+        *_class_lines(policy),
         f"mask view keeps the last {policy.mask_keep_last} characters",
         f"data key cache: {policy.key_cache.ttl_seconds} s time-to-live, "
         f"at most {policy.key_cache.max_keys} keys",
@@ -44,6 +44,28 @@ def summarize_policy(policy: Policy) -> str:
     default_role = policy.default_role or "none (unmatched connections see every class redacted)"
     lines.append(f"default role: {default_role}")
     return "\n".join(lines)
+
+
+def _master_key_lines(policy: Policy) -> list[str]:
+    """Name each master key with its provider and where it lives, the active one marked."""
+    if policy.master_keys == (policy.active_master_key,) and policy.master_key_file is not None:
+        return [f"master key file: {policy.master_key_file}"]
+
+    lines = ["master keys:"]
+    for config in policy.master_keys:
+        where = ", ".join(f"{name}={value}" for name, value in config.settings.items())
+        active = " (wraps new data keys)" if config.name == policy.master_key else ""
+        lines.append(f"  {config.name}: {config.provider}, {where}{active}")
+    return lines
+
+
+def _class_lines(policy: Policy) -> list[str]:
+    """Name the classes, with the subject field of those keyed per data subject."""
+    names = [
+        f"{name} (one data key per {policy.key_per[name]})" if name in policy.key_per else name
+        for name in policy.classes
+    ]
+    return [f"classes: {', '.join(names)}"]
 
 
 def _collection_line(collection: CollectionPolicy, classes: tuple[str, ...]) -> str:

@@ -12,9 +12,9 @@ from bson.codec_options import CodecOptions
 from bson.binary import UuidRepresentation
 from pymongo import AsyncMongoClient
 
-from proxy.crypto.key_vault import KeyVault
+from proxy.keys.vault import KeyVault
 from proxy.crypto.keyring import KeyRing
-from proxy.crypto.master_key import load_local_master_key
+from proxy.keys.master_keys import MasterKeys
 from proxy.policy import Policy, load_policy
 from proxy.server.topology import SuspectServers, UpstreamRoute, upstream_route
 from proxy.server.upstream import Upstream, parse_upstream
@@ -50,7 +50,7 @@ def open_key_vault(policy: Policy, upstream_uri: str, *,
     hides the servers that client connections saw fail (see
     `proxy.server.topology`).
     """
-    master_key = load_local_master_key(policy.master_key_file)
+    master_keys = MasterKeys.from_policy(policy)
     client = AsyncMongoClient(
         upstream_uri,
         serverSelectionTimeoutMS=KEY_VAULT_TIMEOUT_MS,
@@ -63,7 +63,7 @@ def open_key_vault(policy: Policy, upstream_uri: str, *,
     )
     database, collection = policy.key_vault.split(".", 1)
     codec = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
-    vault = KeyVault(client[database].get_collection(collection, codec_options=codec), master_key)
+    vault = KeyVault(client[database].get_collection(collection, codec_options=codec), master_keys)
     return client, vault
 
 

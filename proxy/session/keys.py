@@ -16,7 +16,7 @@ import logging
 import uuid
 import weakref
 
-from proxy.crypto.key_vault import KeyVault
+from proxy.keys.vault import KeyVault
 from proxy.crypto.keyring import KeyRing
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,11 @@ from pymongo.errors import EncryptionError as DriverEncryptionError
 from proxy.crypto.cipher import Algorithm, encrypt_value
 from proxy.crypto.data_key import DataKey
 from proxy.crypto.errors import EncryptionError
-from proxy.crypto.key_vault import KeyVault
 from proxy.crypto.keyring import KeyRing
 from proxy.crypto.master_key import LocalMasterKey
+from proxy.keys.master_keys import MasterKeys
+from proxy.keys.providers.local import LocalProvider
+from proxy.keys.vault import KeyVault
 
 KEY_VAULT_DB = "encryption"
 KEY_VAULT_COLLECTION = "__keyVault"
@@ -109,7 +111,8 @@ def driver_key_id(client_encryption: ClientEncryption) -> Binary:
 async def key_vault(secantus_uri: str) -> AsyncIterator[KeyVault]:
     async_client: AsyncMongoClient = AsyncMongoClient(secantus_uri)
     try:
-        yield KeyVault(async_client[KEY_VAULT_DB][KEY_VAULT_COLLECTION], MASTER_KEY)
+        yield KeyVault(async_client[KEY_VAULT_DB][KEY_VAULT_COLLECTION],
+                       MasterKeys([LocalProvider.from_key("local", MASTER_KEY)], "local"))
     finally:
         await async_client.close()
 

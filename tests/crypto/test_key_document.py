@@ -167,7 +167,7 @@ def test_data_key_master_key_missing() -> None:
     document = _document()
     del document["masterKey"]
 
-    with pytest.raises(KeyDocumentError, match="provider None"):
+    with pytest.raises(KeyDocumentError, match="masterKey is not a document with a provider"):
         data_key_from_document(document, MASTER_KEY)
 
 

@@ -236,6 +236,16 @@ def _delete(keys: tuple):
     return mutate
 
 
+def _master_keys(entries: dict, active: str | None = None):
+    """Return a mutation that replaces master_key_file with named master keys."""
+    def mutate(data: dict) -> None:
+        del data["keys"]["master_key_file"]
+        data["keys"]["master_keys"] = entries
+        if active is not None:
+            data["keys"]["master_key"] = active
+    return mutate
+
+
 def _add_field(path: str, rule: object = None):
     """Return a mutation that adds a protected field to clinic.patients."""
     return _set((*FIELDS, path), {"class": "identity"} if rule is None else rule)
@@ -258,7 +268,31 @@ REJECTED = [
     # keys
     ("keys_not_mapping", _set(("keys",), "master.key"), "keys", "expected a mapping"),
     ("unknown_keys_key", _set(("keys", "vault"), "a.b"), "keys.vault", "unknown key"),
-    ("missing_master_key", _delete(("keys", "master_key_file")), "keys.master_key_file", "required"),
+    ("missing_master_key", _delete(("keys", "master_key_file")), "keys", "not both and not neither"),
+    ("file_and_master_keys", _set(("keys", "master_keys"), {"a": {"provider": "local", "file": "a.key"}}),
+     "keys", "not both and not neither"),
+    ("master_key_with_file", _set(("keys", "master_key"), "local"), "keys.master_key", "only used with master_keys"),
+    ("empty_master_keys", _master_keys({}), "keys.master_keys", "the mapping is empty"),
+    ("unknown_provider", _master_keys({"k": {"provider": "kmip"}}), "keys.master_keys.k.provider",
+     "unknown provider 'kmip'"),
+    ("missing_provider", _master_keys({"k": {"file": "a.key"}}), "keys.master_keys.k.provider",
+     "expected a provider name"),
+    ("aws_without_region", _master_keys({"k": {"provider": "aws", "key": "arn:aws:kms:x"}}),
+     "keys.master_keys.k.region", "required"),
+    ("aws_unknown_setting", _master_keys({"k": {"provider": "aws", "region": "r", "key": "k", "secret": "s"}}),
+     "keys.master_keys.k.secret", "unknown key"),
+    ("local_file_and_env", _master_keys({"k": {"provider": "local", "file": "a.key", "env": "MK"}}),
+     "keys.master_keys.k", "exactly one of file, env"),
+    ("local_neither", _master_keys({"k": {"provider": "local"}}), "keys.master_keys.k", "exactly one of file, env"),
+    ("setting_not_string", _master_keys({"k": {"provider": "vault", "keyName": 5}}),
+     "keys.master_keys.k.keyName", "expected a string"),
+    ("bad_master_key_name", _master_keys({"a b": {"provider": "local", "env": "MK"}}),
+     "keys.master_keys.a b", "letter"),
+    ("no_active_master_key", _master_keys({"a": {"provider": "local", "env": "A"},
+                                           "b": {"provider": "local", "env": "B"}}),
+     "keys.master_key", "name the one that wraps new data keys"),
+    ("unknown_active_master_key", _master_keys({"a": {"provider": "local", "env": "A"}}, active="c"),
+     "keys.master_key", "unknown master key 'c'"),
     ("empty_master_key", _set(("keys", "master_key_file"), ""), "keys.master_key_file", "non-empty"),
     ("master_key_not_string", _set(("keys", "master_key_file"), 5), "keys.master_key_file", "expected a string"),
     ("key_vault_no_dot", _set(("keys", "key_vault"), "keyvault"), "keys.key_vault", "database.collection"),

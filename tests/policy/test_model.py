@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.policy.model import MasterKeyConfig
 from proxy.policy import (
     REVEAL_ORDER,
     CollectionPolicy,
@@ -30,7 +31,8 @@ PATIENTS = CollectionPolicy(
 def make_policy(default_role: str | None = None) -> Policy:
     return Policy(
         source=Path("/etc/mongoveil/policy.yaml"),
-        master_key_file=Path("/etc/mongoveil/master.key"),
+        master_keys=(MasterKeyConfig("local", "local", {"file": "/etc/mongoveil/master.key"}),),
+        master_key="local",
         key_vault="encryption.__keyVault",
         classes=("identity", "clinical", "billing"),
         collections={"clinic.patients": PATIENTS},

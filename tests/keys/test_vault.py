@@ -14,12 +14,20 @@ from pymongo.errors import DuplicateKeyError
 
 from proxy.crypto.errors import KeyDocumentError
 from proxy.crypto.key_document import new_key_document
-from proxy.crypto.key_vault import KeyVault
 from proxy.crypto.master_key import LocalMasterKey
+from proxy.keys.master_keys import MasterKeys
+from proxy.keys.providers.local import LocalProvider
+from proxy.keys.vault import KeyVault
 from proxy.wire.bson_options import CODEC_OPTIONS
 
 MASTER_KEY = LocalMasterKey(bytes(range(96)))
 OTHER_MASTER_KEY = LocalMasterKey(bytes(96))
+
+
+def local_keys(master_key: LocalMasterKey) -> MasterKeys:
+    """Master keys with one "local" key of the given material."""
+    provider = LocalProvider.from_key("local", master_key)
+    return MasterKeys([provider], "local")
 
 
 class _LateLookupCollection:
@@ -59,13 +67,13 @@ async def collection(secantus_uri: str) -> AsyncIterator[AsyncCollection]:
 
 @pytest.fixture
 async def vault(collection: AsyncCollection) -> KeyVault:
-    key_vault = KeyVault(collection, MASTER_KEY)
+    key_vault = KeyVault(collection, local_keys(MASTER_KEY))
     await key_vault.ensure_indexes()
     return key_vault
 
 
 async def test_ensure_indexes_partial_unique(collection: AsyncCollection) -> None:
-    await KeyVault(collection, MASTER_KEY).ensure_indexes()
+    await KeyVault(collection, local_keys(MASTER_KEY)).ensure_indexes()
 
     index = (await collection.index_information())["keyAltNames_1"]
 
@@ -74,7 +82,7 @@ async def test_ensure_indexes_partial_unique(collection: AsyncCollection) -> Non
 
 
 async def test_ensure_indexes_twice(collection: AsyncCollection) -> None:
-    vault = KeyVault(collection, MASTER_KEY)
+    vault = KeyVault(collection, local_keys(MASTER_KEY))
 
     await vault.ensure_indexes()
     await vault.ensure_indexes()
@@ -159,7 +167,7 @@ async def test_load_class_key_concurrent(vault: KeyVault, collection: AsyncColle
 async def test_load_class_key_lost_race(vault: KeyVault, collection: AsyncCollection) -> None:
     winner = await vault.load_class_key("identity", create=True)
     late = _LateLookupCollection(collection)
-    racing_vault = KeyVault(late, MASTER_KEY)  # type: ignore[arg-type]
+    racing_vault = KeyVault(late, local_keys(MASTER_KEY))  # type: ignore[arg-type]
 
     key = await racing_vault.load_class_key("identity", create=True)
 
@@ -174,7 +182,7 @@ async def test_load_class_key_wrong_master_key(
     await vault.load_class_key("identity", create=True)
 
     with pytest.raises(KeyDocumentError, match="cannot be unwrapped"):
-        await KeyVault(collection, OTHER_MASTER_KEY).load_class_key("identity", create=False)
+        await KeyVault(collection, local_keys(OTHER_MASTER_KEY)).load_class_key("identity", create=False)
 
 
 async def test_load_key(vault: KeyVault) -> None:
@@ -212,7 +220,7 @@ async def test_uses_uuid_codec_options(secantus_uri: str) -> None:
     client: AsyncMongoClient = AsyncMongoClient(secantus_uri, uuidRepresentation="unspecified")
     try:
         collection = client["keyvault_tests"][f"vault_{uuid.uuid4().hex}"]
-        vault = KeyVault(collection, MASTER_KEY)
+        vault = KeyVault(collection, local_keys(MASTER_KEY))
         created = await vault.load_class_key("identity", create=True)
 
         assert await vault.load_key(created.id) == created

@@ -5,28 +5,41 @@ Every data class has one data key, found by its keyAltNames entry
 values remain readable, but `load_class_key` and `load_all` skip it. The
 documents follow MongoDB's schema (`key_document`), so a driver with
 client-side encryption and the same master key can use the same keys.
+
+Key material is wrapped and unwrapped by the master keys of the policy
+(`master_keys.MasterKeys`). The calls of remote providers block on the
+network, so they run in a worker thread and the event loop keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pymongo.errors import DuplicateKeyError
 
 from proxy.crypto import aead
 from proxy.crypto.data_key import DataKey, class_alt_name
+from proxy.crypto.errors import DecryptionError, KeyDocumentError
 from proxy.crypto.key_document import (
     STATUS_DISABLED,
     KeyInfo,
-    data_key_from_document,
+    WrappedKey,
     key_info_from_document,
     new_key_document,
+    unwrap_failed,
+    wrapped_key_from_document,
 )
-from proxy.crypto.master_key import LOCAL_PROVIDER, LocalMasterKey
 from proxy.wire.bson_options import CODEC_OPTIONS
+
+from .master_keys import MasterKeys
+from .providers.base import MasterKeyProvider
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from pymongo.asynchronous.collection import AsyncCollection
@@ -39,18 +52,61 @@ _NOT_DISABLED = {"status": {"$ne": STATUS_DISABLED}}
 
 
 class KeyVault:
-    """Async access to the key-vault collection, wrapping keys with a local master key.
+    """Async access to the key-vault collection, wrapping keys with the policy's master keys.
 
     ``collection`` is a pymongo AsyncCollection. It is used with mongoveil's codec
     options, so key ids decode as uuid.UUID whatever the caller configured.
-    Errors of the server or the connection propagate as pymongo exceptions.
+    Errors of the server or the connection propagate as pymongo exceptions, and
+    a master-key provider that cannot be reached raises MasterKeyUnavailable.
     """
 
-    def __init__(
-        self, collection: AsyncCollection[Any], master_key: LocalMasterKey
-    ) -> None:
+    def __init__(self, collection: AsyncCollection[Any], master_keys: MasterKeys) -> None:
         self._collection = collection.with_options(codec_options=CODEC_OPTIONS)
-        self._master_key = master_key
+        self.master_keys = master_keys
+
+    @property
+    def collection(self) -> AsyncCollection[Any]:
+        """The key-vault collection, with mongoveil's codec options."""
+        return self._collection
+
+    async def unwrap(self, doc: Mapping[str, object]) -> DataKey:
+        """Unwrap a key document with the master key it names and return the data key.
+
+        Raises KeyDocumentError when the document breaks the schema, names a master
+        key the policy does not configure, or its material does not unwrap.
+        """
+        wrapped = wrapped_key_from_document(doc)
+        provider = self.provider_for(wrapped)
+        try:
+            material = await call_provider(provider, provider.unwrap,
+                                           wrapped.key_material, wrapped.master_key)
+        except DecryptionError:
+            raise unwrap_failed(wrapped.id, provider.name) from None
+        return DataKey(wrapped.id, material, wrapped.alt_names)
+
+    def provider_for(self, wrapped: WrappedKey) -> MasterKeyProvider:
+        """Return the configured master key that wrapped this key, or raise KeyDocumentError."""
+        provider = self.master_keys.for_document(wrapped.master_key)
+        if provider is None:
+            raise KeyDocumentError(
+                f"key document {wrapped.id}: wrapped by a {wrapped.provider} master key that "
+                "the policy's keys.master_keys does not configure",
+                wrapped.id,
+            )
+        return provider
+
+    async def new_key_document(
+        self, alt_names: list[str], *, material: bytes | None = None
+    ) -> tuple[dict[str, object], bytes]:
+        """Return a new key document wrapped by the active master key, and its material.
+
+        ``material`` defaults to 96 random bytes. Nothing is written to the vault.
+        """
+        if material is None:
+            material = os.urandom(aead.KEY_SIZE)
+        active = self.master_keys.active
+        wrapped = await call_provider(active, active.wrap, material)
+        return new_key_document(wrapped, alt_names, active.master_key_document()), material
 
     async def ensure_indexes(self) -> None:
         """Create the partial unique index on keyAltNames, unless it exists.
@@ -80,23 +136,18 @@ class KeyVault:
         active = {"keyAltNames": alt_name, **_NOT_DISABLED}
         doc = await self._collection.find_one(active)
         if doc is not None:
-            return data_key_from_document(doc, self._master_key)
+            return await self.unwrap(doc)
         if not create:
             return None
 
-        material = os.urandom(aead.KEY_SIZE)
-        new_doc = new_key_document(
-            self._master_key.wrap(material),
-            [alt_name],
-            self._master_key.master_key_document(),
-        )
+        new_doc, material = await self.new_key_document([alt_name])
         try:
             await self._collection.insert_one(new_doc)
         except DuplicateKeyError:
             doc = await self._collection.find_one(active)
             # None here means the alt name belongs to a disabled key, or the
             # winner's key was deleted or disabled again in between.
-            return None if doc is None else data_key_from_document(doc, self._master_key)
+            return None if doc is None else await self.unwrap(doc)
         return DataKey(new_doc["_id"], material, (alt_name,))
 
     async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
@@ -109,21 +160,24 @@ class KeyVault:
         doc = await self._collection.find_one({"_id": key_id})
         if doc is None:
             return None
-        return data_key_from_document(doc, self._master_key)
+        return await self.unwrap(doc)
 
     async def load_all(self) -> list[DataKey]:
-        """Return every active data key wrapped by a "local" master key.
+        """Return every active data key wrapped by one of the configured master keys.
 
-        Keys of other KMS providers are skipped, because they belong to other
-        applications that share the vault and this master key cannot unwrap
-        them. Disabled keys are skipped so that a key ring filled from this list
-        does not pick one as a class key. `load_key` still loads them by id.
-        Raises KeyDocumentError when a "local" document cannot be used.
+        Keys of other master keys are skipped, because they belong to other
+        applications that share the vault and the policy's master keys cannot
+        unwrap them. Disabled keys are skipped so that a key ring filled from
+        this list does not pick one as a class key. `load_key` still loads them
+        by id. Raises KeyDocumentError when a document of a configured master
+        key cannot be used.
         """
         keys = []
-        query = {"masterKey.provider": LOCAL_PROVIDER, **_NOT_DISABLED}
-        async for doc in self._collection.find(query):
-            keys.append(data_key_from_document(doc, self._master_key))
+        async for doc in self._collection.find(_NOT_DISABLED):
+            master_key_doc = doc.get("masterKey")
+            if self.master_keys.for_document(master_key_doc) is None:
+                continue
+            keys.append(await self.unwrap(doc))
         return keys
 
     async def list_keys(self) -> list[KeyInfo]:
@@ -154,3 +208,10 @@ class KeyVault:
                       "updateDate": now}},
         )
         return result.modified_count == 1
+
+
+async def call_provider(provider: MasterKeyProvider, method: Callable[..., _T], *args: object) -> _T:
+    """Call a provider method, in a worker thread when the provider blocks on the network."""
+    if provider.blocking:
+        return await asyncio.to_thread(method, *args)
+    return method(*args)

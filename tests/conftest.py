@@ -1,4 +1,4 @@
-"""Fixtures shared by the crypto tests: a SecantusDB server on a free local port."""
+"""Fixtures shared by the tests: a SecantusDB server on a free local port."""
 
 from __future__ import annotations
 
