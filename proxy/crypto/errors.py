@@ -31,21 +31,28 @@ class EncryptionError(ValueError):
 class KeyNotLoaded(Exception):
     """A data key is needed that the key ring does not contain yet.
 
-    Exactly one of ``key_id`` (a ciphertext names this key) and ``class_name``
-    (a value of this data class must be encrypted) is set. The caller loads the key
-    from the key vault into the ring and retries.
+    Either ``key_id`` is set (a ciphertext names this key), or ``class_name`` and
+    ``alt_name`` are (a value of this data class must be encrypted with the key
+    that has this alt name: the class key, or a data subject's key, whose alt name
+    shows a token, never the subject). The caller
+    loads the key from the key vault into the ring and retries.
     """
 
     def __init__(
-        self, *, key_id: uuid.UUID | None = None, class_name: str | None = None
+        self,
+        *,
+        key_id: uuid.UUID | None = None,
+        class_name: str | None = None,
+        alt_name: str | None = None,
     ) -> None:
         if key_id is not None:
             message = f"data key {key_id} is not loaded"
         else:
-            message = f"data key for class {class_name!r} is not loaded"
+            message = f"data key {alt_name!r} of class {class_name!r} is not loaded"
         super().__init__(message)
         self.key_id = key_id
         self.class_name = class_name
+        self.alt_name = alt_name
 
 
 class KeyNotFound(LookupError):

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 
 from bson.binary import Binary
 
-from proxy.crypto.data_key import CLASS_ALT_NAME_PREFIX, DataKey
+from proxy.crypto.data_key import (
+    DataKey,
+    class_of_alt_names,
+    is_current_name,
+    is_retired_name,
+)
 from proxy.crypto.errors import DecryptionError, KeyDocumentError
 from proxy.crypto.master_key import LOCAL_PROVIDER, LocalMasterKey
 
@@ -45,12 +50,18 @@ class KeyInfo:
 
     @property
     def class_name(self) -> str | None:
-        """The data class from the first "mongoveil:NAME" alt name, or None."""
+        """The data class of the first "mongoveil:" alt name, or None."""
+        return class_of_alt_names(self.alt_names)
+
+    @property
+    def kind(self) -> str:
+        """What the key is for: "class", "subject", "retired" or "other"."""
         for alt_name in self.alt_names:
-            name = alt_name.removeprefix(CLASS_ALT_NAME_PREFIX)
-            if alt_name.startswith(CLASS_ALT_NAME_PREFIX) and name:
-                return name
-        return None
+            if is_retired_name(alt_name):
+                return "retired"
+            if is_current_name(alt_name):
+                return "subject" if ":subject:" in alt_name else "class"
+        return "other"
 
 
 def new_key_document(

@@ -25,21 +25,23 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.bson_value import encode_value
 from proxy.crypto.cipher import Algorithm, ciphertext_key_id, decrypt_value, encrypt_value
-from proxy.crypto.data_key import DataKey
+from proxy.crypto.data_key import DataKey, class_alt_name, subject_alt_name
 from proxy.crypto.errors import DecryptionError, KeyNotFound, KeyNotLoaded
 
 PSEUDONYM_PREFIX = "pseu:"
 
 _PSEUDONYM_INFO = b"mongoveil pseudonym"
-_PSEUDONYM_KEY_SIZE = 32
-_PSEUDONYM_TAG_SIZE = 16
+_SUBJECT_INFO = b"mongoveil subject"
+_SUB_KEY_SIZE = 32
+_TAG_SIZE = 16
 
 
 class KeyRing:
-    """Data keys by id and by data class, and the ids known to be missing.
+    """Data keys by id and by current alt name, and the ids known to be missing.
 
-    A class maps to the key added last for it, so adding a new key for a class
-    makes new values use it, while values under the old key still decrypt.
+    A current alt name (the class's, or a data subject's; see `data_key`) maps to
+    the key added last with it, so adding a new key for a class makes new values
+    use it, while values under the old key still decrypt.
 
     `ttl_seconds` is how long an added key (or a missing mark) stays usable, and
     `max_keys` how many keys (and, separately, missing marks) the ring keeps; None
@@ -67,11 +69,11 @@ class KeyRing:
         # and the time it was added, `_missing` maps an id to the time it was marked.
         self._keys: OrderedDict[uuid.UUID, tuple[DataKey, float]] = OrderedDict()
         self._missing: OrderedDict[uuid.UUID, float] = OrderedDict()
-        self._class_keys: dict[str, DataKey] = {}
-        self._pseudonym_keys: dict[uuid.UUID, bytes] = {}
+        self._named_keys: dict[str, DataKey] = {}
+        self._sub_keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
 
     def add(self, key: DataKey, *, class_key: bool = True) -> None:
-        """Add a data key, replacing any key of the same id and, as class key, of the same class.
+        """Add a data key, replacing any key of the same id and of the same current alt names.
 
         A key loaded only to decrypt a value passes `class_key=False`: it may be an
         older key of its class, and new values must keep the class's current key.
@@ -81,8 +83,9 @@ class KeyRing:
         self._drop(key.id)
         self._missing.pop(key.id, None)
         self._keys[key.id] = (key, self._clock())
-        if class_key and key.class_name is not None:
-            self._class_keys[key.class_name] = key
+        if class_key:
+            for name in key.current_names:
+                self._named_keys[name] = key
 
         while self._max_keys is not None and len(self._keys) > self._max_keys:
             self._drop(next(iter(self._keys)))
@@ -127,7 +130,11 @@ class KeyRing:
 
     def for_class(self, class_name: str) -> DataKey | None:
         """Return the loaded key of a data class, or None (also when it expired)."""
-        key = self._class_keys.get(class_name)
+        return self.for_name(class_alt_name(class_name))
+
+    def for_name(self, alt_name: str) -> DataKey | None:
+        """Return the loaded key with this current alt name, or None (also when it expired)."""
+        key = self._named_keys.get(alt_name)
         if key is None:
             return None
         return self.get(key.id)
@@ -139,6 +146,34 @@ class KeyRing:
         EncryptionError when the value cannot be encrypted with ``algorithm``.
         """
         return encrypt_value(value, self._require_class_key(class_name), algorithm)
+
+    def encrypt_for_subject(
+        self, value: object, class_name: str, subject: object, algorithm: Algorithm
+    ) -> Binary:
+        """Encrypt a value with the data key of one data subject of a class.
+
+        Raises KeyNotLoaded(class_name=..., alt_name=...) when the class key (which
+        derives the subject's alt name) or the subject's key is not loaded, and
+        EncryptionError when the value or the subject cannot be encoded.
+        """
+        alt_name = self.subject_alt_name(class_name, subject)
+        key = self.for_name(alt_name)
+        if key is None:
+            raise KeyNotLoaded(class_name=class_name, alt_name=alt_name)
+        return encrypt_value(value, key, algorithm)
+
+    def subject_alt_name(self, class_name: str, subject: object) -> str:
+        """Return the alt name of the data key of ``subject`` in a class with key_per.
+
+        The name carries a keyed token instead of the subject: HMAC-SHA-256 of the
+        subject's BSON type byte and value bytes, keyed with a sub-key that HKDF
+        derives from the class key (info "mongoveil subject"). Whoever reads the key
+        vault learns nothing about the subject, and the proxy finds the key again
+        from the subject alone. Raises KeyNotLoaded(class_name=...) when the class
+        key is not loaded.
+        """
+        key = self._require_class_key(class_name)
+        return subject_alt_name(class_name, self._token(key, _SUBJECT_INFO, subject))
 
     def decrypt(self, binary: Binary) -> tuple[str | None, object]:
         """Decrypt an FLE1 ciphertext and return (class name of its key, value).
@@ -173,19 +208,20 @@ class KeyRing:
         be encoded as BSON.
         """
         key = self._require_class_key(class_name)
+        return PSEUDONYM_PREFIX + self._token(key, _PSEUDONYM_INFO, value)
+
+    def _token(self, key: DataKey, info: bytes, value: object) -> str:
+        """HMAC a BSON value under a sub-key of `key`; return 26 lower-case base32 characters."""
         type_byte, value_bytes = encode_value(value)
-
-        mac = hmac.HMAC(self._pseudonym_key(key), hashes.SHA256())
+        mac = hmac.HMAC(self._sub_key(key, info), hashes.SHA256())
         mac.update(bytes([type_byte]) + value_bytes)
-        tag = mac.finalize()[:_PSEUDONYM_TAG_SIZE]
-
-        encoded = base64.b32encode(tag).decode("ascii").rstrip("=").lower()
-        return PSEUDONYM_PREFIX + encoded
+        tag = mac.finalize()[:_TAG_SIZE]
+        return base64.b32encode(tag).decode("ascii").rstrip("=").lower()
 
     def _require_class_key(self, class_name: str) -> DataKey:
         key = self.for_class(class_name)
         if key is None:
-            raise KeyNotLoaded(class_name=class_name)
+            raise KeyNotLoaded(class_name=class_name, alt_name=class_alt_name(class_name))
         return key
 
     def _expired(self, added_at: float) -> bool:
@@ -194,23 +230,20 @@ class KeyRing:
     def _drop(self, key_id: uuid.UUID) -> None:
         """Forget a loaded key, and its class's entry when the class uses it."""
         entry = self._keys.pop(key_id, None)
-        self._pseudonym_keys.pop(key_id, None)
         if entry is None:
             return
         key = entry[0]
-        if key.class_name is not None and self._class_keys.get(key.class_name) is key:
-            del self._class_keys[key.class_name]
+        for info in (_PSEUDONYM_INFO, _SUBJECT_INFO):
+            self._sub_keys.pop((key_id, info), None)
+        for name in key.current_names:
+            if self._named_keys.get(name) is key:
+                del self._named_keys[name]
 
-    def _pseudonym_key(self, key: DataKey) -> bytes:
-        # A separate sub-key keeps the tokens unrelated to the AEAD's MAC key.
-        sub_key = self._pseudonym_keys.get(key.id)
+    def _sub_key(self, key: DataKey, info: bytes) -> bytes:
+        # A separate sub-key per use keeps the tokens unrelated to the AEAD's MAC key.
+        sub_key = self._sub_keys.get((key.id, info))
         if sub_key is None:
-            hkdf = HKDF(
-                algorithm=hashes.SHA256(),
-                length=_PSEUDONYM_KEY_SIZE,
-                salt=None,
-                info=_PSEUDONYM_INFO,
-            )
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=_SUB_KEY_SIZE, salt=None, info=info)
             sub_key = hkdf.derive(key.material)
-            self._pseudonym_keys[key.id] = sub_key
+            self._sub_keys[(key.id, info)] = sub_key
         return sub_key

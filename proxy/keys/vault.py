@@ -124,15 +124,21 @@ class KeyVault:
     async def load_class_key(self, class_name: str, *, create: bool) -> DataKey | None:
         """Return the active data key of a class, creating it first if asked to.
 
-        Disabled keys are skipped. Returns None when the class has no active key
-        and ``create`` is False. When another process inserts the class key at
-        the same time, the insert fails on the unique index and the other
-        process's key is read and returned. Also returns None when ``create`` is
-        True but a disabled key of the class has the alt name, because the
-        unique index then rejects a second key. Raises KeyDocumentError when the
-        stored document cannot be used.
+        See `load_named_key`, which this calls with the class's alt name.
         """
-        alt_name = class_alt_name(class_name)
+        return await self.load_named_key(class_alt_name(class_name), create=create)
+
+    async def load_named_key(self, alt_name: str, *, create: bool) -> DataKey | None:
+        """Return the active data key with this alt name, creating it first if asked to.
+
+        Disabled keys are skipped. Returns None when no active key has the name
+        and ``create`` is False. When another process inserts the key at the
+        same time, the insert fails on the unique index and the other process's
+        key is read and returned. Also returns None when ``create`` is True but
+        a disabled key has the alt name, because the unique index then rejects a
+        second key. Raises KeyDocumentError when the stored document cannot be
+        used, and MasterKeyUnavailable when the master key cannot be reached.
+        """
         active = {"keyAltNames": alt_name, **_NOT_DISABLED}
         doc = await self._collection.find_one(active)
         if doc is not None:
@@ -162,18 +168,28 @@ class KeyVault:
             return None
         return await self.unwrap(doc)
 
-    async def load_all(self) -> list[DataKey]:
+    async def is_disabled_name(self, alt_name: str) -> bool:
+        """Tell whether the key that holds this alt name is disabled."""
+        doc = await self._collection.find_one(
+            {"keyAltNames": alt_name}, projection={"status": True})
+        return doc is not None and doc.get("status") == STATUS_DISABLED
+
+    async def load_all(self, alt_names: list[str] | None = None) -> list[DataKey]:
         """Return every active data key wrapped by one of the configured master keys.
 
-        Keys of other master keys are skipped, because they belong to other
-        applications that share the vault and the policy's master keys cannot
-        unwrap them. Disabled keys are skipped so that a key ring filled from
-        this list does not pick one as a class key. `load_key` still loads them
-        by id. Raises KeyDocumentError when a document of a configured master
-        key cannot be used.
+        With ``alt_names``, only the keys that hold one of those names. Keys of
+        other master keys are skipped, because they belong to other applications
+        that share the vault and the policy's master keys cannot unwrap them.
+        Disabled keys are skipped so that a key ring filled from this list does
+        not pick one as a class key. `load_key` still loads them by id. Raises
+        KeyDocumentError when a document of a configured master key cannot be
+        used.
         """
+        query: dict[str, object] = dict(_NOT_DISABLED)
+        if alt_names is not None:
+            query["keyAltNames"] = {"$in": alt_names}
         keys = []
-        async for doc in self._collection.find(_NOT_DISABLED):
+        async for doc in self._collection.find(query):
             master_key_doc = doc.get("masterKey")
             if self.master_keys.for_document(master_key_doc) is None:
                 continue

@@ -26,6 +26,7 @@ from proxy.wire.op_msg import DocumentSequence
 
 from .context import RewriteContext, Scope
 from .encrypt_fields import encrypt_document
+from .subjects import write_scope
 from .errors import CommandError, bad_value
 from .filters import rewrite_filter
 from .options import check_key_option
@@ -168,9 +169,10 @@ def _rewrite_insert(operation: dict, scope: Scope) -> None:
 
 def _rewrite_update(operation: dict, scope: Scope) -> None:
     # updateMods is an update's `u`: operators, a replacement or a pipeline.
-    _rewrite_filter(operation, scope)
+    statement_scope = write_scope(scope, operation.get("filter"), operation.get("updateMods"))
+    _rewrite_filter(operation, statement_scope)
     if "updateMods" in operation:
-        operation["updateMods"] = rewrite_update(operation["updateMods"], scope)
+        operation["updateMods"] = rewrite_update(operation["updateMods"], statement_scope)
     check_array_filters(operation.get("arrayFilters"), operation.get("updateMods"), scope)
 
     sort = operation.get("sort")

@@ -12,6 +12,7 @@ from proxy.wire.op_msg import DocumentSequence
 from .aggregate import rewrite_aggregate_pipeline
 from .context import Scope
 from .encrypt_fields import encrypt_document
+from .subjects import write_scope
 from .errors import bad_value
 from .filters import rewrite_filter
 from .options import check_key_option, check_projection
@@ -28,9 +29,10 @@ def rewrite_insert(body: dict, sequences: list[DocumentSequence], scope: Scope) 
 def rewrite_update_command(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:
     """Rewrite the filter and update of every update statement and check its arrayFilters and sort."""
     for statement in _statements(body, sequences, "updates", scope):
-        _rewrite_filter_option(statement, "q", scope)
+        statement_scope = write_scope(scope, statement.get("q"), statement.get("u"))
+        _rewrite_filter_option(statement, "q", statement_scope)
         if "u" in statement:
-            statement["u"] = rewrite_update(statement["u"], scope)
+            statement["u"] = rewrite_update(statement["u"], statement_scope)
         check_array_filters(statement.get("arrayFilters"), statement.get("u"), scope)
         _check_key_option(statement, "sort", scope)
 
@@ -87,10 +89,11 @@ def rewrite_distinct(body: dict, sequences: list[DocumentSequence], scope: Scope
 
 def rewrite_find_and_modify(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:
     """Rewrite the query and update of a findAndModify and check its sort and fields."""
-    _rewrite_filter_option(body, "query", scope)
+    statement_scope = write_scope(scope, body.get("query"), body.get("update"))
+    _rewrite_filter_option(body, "query", statement_scope)
     _check_key_option(body, "sort", scope)
     if "update" in body and body["update"] is not None:
-        body["update"] = rewrite_update(body["update"], scope)
+        body["update"] = rewrite_update(body["update"], statement_scope)
     check_array_filters(body.get("arrayFilters"), body.get("update"), scope)
     _check_projection_option(body, "fields", scope)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from proxy.policy.model import CollectionPolicy, Policy, View
@@ -11,18 +12,33 @@ if TYPE_CHECKING:
     from proxy.crypto.keyring import KeyRing
 
 
+# The subject of a statement that names none (see `subjects`).
+NO_SUBJECT = object()
+
+
 @dataclass(frozen=True)
 class Scope:
     """One namespace ("db.coll") with its collection policy and the key ring to encrypt with.
 
     `policy` is the whole policy, which an aggregation needs for the other collections
-    that its stages read or write ($lookup, $unionWith, $out, ...).
+    that its stages read or write ($lookup, $unionWith, $out, ...). `subjects` maps the
+    subject field of each class with one key per data subject (`key_per`) to the subject
+    that the statement being rewritten names, when it names one.
     """
 
     namespace: str
     collection: CollectionPolicy
     keys: KeyRing
     policy: Policy
+    subjects: Mapping[str, object] = field(default_factory=dict)
+
+    def subject(self, subject_field: str) -> object:
+        """Return the statement's value of a subject field, or NO_SUBJECT."""
+        return self.subjects.get(subject_field, NO_SUBJECT)
+
+    def with_subject(self, subject_field: str, subject: object) -> Scope:
+        """Return this scope for a statement whose `subject_field` is `subject`."""
+        return replace(self, subjects={**self.subjects, subject_field: subject})
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from proxy.crypto.cipher import Algorithm
 from proxy.crypto.errors import EncryptionError
 from proxy.policy.model import FieldRule
 
-from .context import Scope
+from .context import NO_SUBJECT, Scope
 from .errors import CommandError, bad_value
+from .subjects import missing_subject_error, subject_fields, subject_in_document, with_subject
 from .paths import Relation, fields_below, match_path, transform_at_path
 from .values import bson_type_name, is_ciphertext
 
@@ -37,16 +38,37 @@ def encrypt_field_value(value: object, rule: FieldRule, scope: Scope, path: str)
         return value
 
     try:
-        return scope.keys.encrypt(value, rule.class_name, algorithm_of(rule))
+        return encrypt_with_rule(value, rule, scope, path)
     except EncryptionError as exc:
         raise _unsupported_type_error(value, rule, scope, path) from exc
+
+
+def encrypt_with_rule(value: object, rule: FieldRule, scope: Scope, path: str) -> object:
+    """Encrypt a value with the key its rule's class uses for the scope's statement.
+
+    A class with one key per data subject uses the subject's key, and a statement
+    without a subject is rejected (CommandError). Raises KeyNotLoaded when the key
+    is not in the ring and EncryptionError when the value cannot be encrypted.
+    """
+    algorithm = algorithm_of(rule)
+    subject_field = scope.policy.key_per.get(rule.class_name)
+    if subject_field is None:
+        return scope.keys.encrypt(value, rule.class_name, algorithm)
+
+    subject = scope.subject(subject_field)
+    if subject is NO_SUBJECT:
+        raise missing_subject_error(rule.class_name, path, scope)
+    return scope.keys.encrypt_for_subject(value, rule.class_name, subject, algorithm)
 
 
 def encrypt_document(document: dict, scope: Scope) -> None:
     """Encrypt in place every protected field of `document`, at any depth, keeping field order.
 
-    `document` is a whole document: an inserted one or a replacement.
+    `document` is a whole document: an inserted one or a replacement. Its own subject
+    field, when present, names the subject of classes with one key per subject.
     """
+    for field in subject_fields(scope):
+        scope = with_subject(scope, field, subject_in_document(document, field))
     for rule in scope.collection.fields.values():
         _encrypt_along(document, rule.path.split("."), rule, scope)
 

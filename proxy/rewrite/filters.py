@@ -40,9 +40,10 @@ from proxy.crypto.errors import EncryptionError
 from proxy.policy.model import FieldRule
 
 from .context import Scope
-from .encrypt_fields import algorithm_of
+from .encrypt_fields import encrypt_with_rule
 from .errors import CommandError, bad_value
 from .paths import Relation, match_path
+from .subjects import subject_fields, subject_in_filter, with_subject
 from .values import bson_type_name, is_ciphertext, is_regex
 
 LOGICAL_OPERATORS = frozenset({"$and", "$or", "$nor"})
@@ -78,6 +79,10 @@ def rewrite_filter(
     ciphertext and KeyNotLoaded when the key of a class is not in the key ring. Returns
     `filter_doc` itself when nothing changes.
     """
+    if not prefix:
+        for field in subject_fields(scope):
+            scope = with_subject(scope, field, subject_in_filter(filter_doc, field))
+
     result = {}
     changed = False
     for key, predicate in filter_doc.items():
@@ -197,7 +202,7 @@ def _equality_value(value: object, operator: str, path: str, rule: FieldRule, sc
         return value
 
     try:
-        return scope.keys.encrypt(value, rule.class_name, algorithm_of(rule))
+        return encrypt_with_rule(value, rule, scope, path)
     except EncryptionError as exc:
         raise bad_value(
             f"cannot compare encrypted field '{path}' in {scope.namespace} with a value of "

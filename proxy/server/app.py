@@ -108,7 +108,7 @@ class ProxyServer:
     async def _preload_keys(self) -> None:
         try:
             await self.keys.vault.ensure_indexes()
-            count = await self.keys.preload()
+            count = await self.keys.preload(list(self.policy.classes))
             log.info("loaded %d data keys from the key vault %s", count, self.policy.key_vault)
         except Exception as error:  # the proxy still serves; keys load on first use
             # pymongo's messages name hosts and reasons ("Authentication failed."),

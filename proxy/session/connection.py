@@ -80,7 +80,7 @@ from proxy.session.identity import (
     auth_finished,
     parse_connection_status,
 )
-from proxy.session.keys import KeyService
+from proxy.session.keys import KeyService, key_unavailable_error
 from proxy.wire import (
     CHECKSUM_PRESENT,
     DuplicateKeyInCommand,
@@ -489,21 +489,17 @@ class ClientSession:
                 body, sequences = rewrite_request(message.body, message.sequences, self.context)
                 return OpMsg(message.flag_bits, body, sequences)
             except KeyNotLoaded as missing:
-                await self._load_class_key(missing.class_name)
+                await self._load_class_key(missing)
 
-    async def _load_class_key(self, class_name: str | None) -> None:
+    async def _load_class_key(self, missing: KeyNotLoaded) -> None:
+        """Load the key a write needs; raise CommandError naming the key and the cause when it fails."""
+        class_name = missing.class_name
         try:
-            await self.state.keys.ensure_class_key(class_name)
-        except Exception as error:      # any key-vault failure: reject, never write in clear
+            await self.state.keys.ensure_named_key(missing.alt_name)
+        except Exception as error:      # any key failure: reject, never write in clear
             log.error("conn %d from %s: cannot load the data key of class %s: %s: %s",
                       self.id, self.peer, class_name, type(error).__name__, error)
-            raise CommandError(
-                6, "HostUnreachable",
-                f"mongoveil could not load the data key of class {class_name!r} from the key "
-                "vault, so the protected fields cannot be encrypted and nothing was written; the "
-                "key vault is unreachable or the proxy's account cannot read it (see the proxy "
-                "log); retry when it is fixed",
-            ) from error
+            raise key_unavailable_error(class_name, error) from error
 
     async def _check_guarded(self, frame: bytes, message: OpMsg, name: str) -> bytes | None:
         error = check_guarded_command(name, message.body, self.state.policy)

@@ -16,10 +16,22 @@ import logging
 import uuid
 import weakref
 
-from proxy.keys.vault import KeyVault
+from pymongo.errors import PyMongoError
+
+from proxy.crypto.data_key import class_alt_name, class_of_alt_name
+from proxy.crypto.errors import KeyDocumentError, MasterKeyUnavailable
 from proxy.crypto.keyring import KeyRing
+from proxy.keys.vault import KeyVault
+from proxy.rewrite import CommandError
 
 log = logging.getLogger(__name__)
+
+
+class NoActiveKey(LookupError):
+    """The key vault has no usable key for a class: its key is disabled.
+
+    The message names the class and the command that replaces the key.
+    """
 
 
 class KeyService:
@@ -34,24 +46,41 @@ class KeyService:
             weakref.WeakValueDictionary()
         )
 
-    async def preload(self) -> int:
-        """Load every data key of the key vault; return how many were loaded."""
-        keys = await self.vault.load_all()
+    async def preload(self, classes: list[str]) -> int:
+        """Load the current key of each class; return how many were loaded.
+
+        Keys of data subjects are left to load on demand: there can be one per
+        patient, and each would cost a master-key provider call at start-up.
+        """
+        keys = await self.vault.load_all([class_alt_name(name) for name in classes])
         for key in keys:
             self.ring.add(key)
         return len(keys)
 
     async def ensure_class_key(self, class_name: str) -> None:
         """Load the data key of `class_name`, creating it in the key vault when missing."""
-        async with self._lock_for("class", class_name):
-            if self.ring.for_class(class_name) is not None:
+        await self.ensure_named_key(class_alt_name(class_name))
+
+    async def ensure_named_key(self, alt_name: str) -> None:
+        """Load the key with a current alt name (a class's or a subject's), creating it if missing.
+
+        Raises NoActiveKey when a disabled key holds the name, and lets key-vault
+        and master-key errors propagate.
+        """
+        async with self._lock_for("name", alt_name):
+            if self.ring.for_name(alt_name) is not None:
                 return
 
-            key = await self.vault.load_class_key(class_name, create=True)
+            key = await self.vault.load_named_key(alt_name, create=True)
             if key is None:
-                raise LookupError(f"the key vault has no data key for class {class_name!r}")
+                class_name = class_of_alt_name(alt_name)
+                raise NoActiveKey(
+                    f"the data key of class {class_name!r} is disabled, so no new value of the "
+                    f"class can be encrypted; give the class a new key with "
+                    f"`mongoveil keys rotate --class {class_name}`"
+                )
             self.ring.add(key)
-            log.info("loaded data key %s for class %s", key.id, class_name)
+            log.info("loaded data key %s for class %s", key.id, key.class_name)
 
     async def ensure_key(self, key_id: uuid.UUID) -> None:
         """Load the data key `key_id`; remember it as missing when the key vault lacks it."""
@@ -75,3 +104,32 @@ class KeyService:
             lock = asyncio.Lock()
             self._locks[(kind, name)] = lock
         return lock
+
+
+def key_unavailable_error(class_name: str | None, error: Exception) -> CommandError:
+    """The reply to a write whose data key could not be loaded, naming the key and the cause.
+
+    An unreachable key vault or master-key provider gets HostUnreachable (6), which
+    drivers treat like a network problem, because retrying after it recovers
+    works. A disabled key gets KeyNotFound (211): retrying cannot help until an
+    operator rotates the class's key. The message carries no key material:
+    master-key errors name the key and the vendor's error code only.
+    """
+    what = f"the data key of class {class_name!r}"
+    if isinstance(error, NoActiveKey):
+        return CommandError(211, "KeyNotFound", f"mongoveil cannot encrypt: {error}; nothing "
+                                                "was written")
+    if isinstance(error, MasterKeyUnavailable):
+        cause = f"its master key could not be used ({error})"
+    elif isinstance(error, KeyDocumentError):
+        cause = f"its key document cannot be used ({error})"
+    elif isinstance(error, PyMongoError):
+        cause = ("the key vault is unreachable or the proxy's account cannot read it "
+                 f"({type(error).__name__})")
+    else:
+        cause = f"of an unexpected {type(error).__name__} (see the proxy log)"
+    return CommandError(
+        6, "HostUnreachable",
+        f"mongoveil could not load {what} because {cause}, so the protected fields cannot "
+        "be encrypted and nothing was written; retry when it is fixed",
+    )

@@ -24,18 +24,15 @@ class FakeVault:
 
     def __init__(self, *keys: DataKey) -> None:
         self.keys = {key.id: key for key in keys}
-        self.class_keys = {key.class_name: key for key in keys}
+        self.named_keys = {name: key for key in keys for name in key.current_names}
         self.queries = 0
         self.error: Exception | None = None
 
     async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
         return await self._answer(self.keys.get(key_id))
 
-    async def load_class_key(self, class_name: str, *, create: bool) -> DataKey | None:
-        return await self._answer(self.class_keys.get(class_name))
-
-    async def load_all(self) -> list[DataKey]:
-        return list(self.keys.values())
+    async def load_named_key(self, alt_name: str, *, create: bool) -> DataKey | None:
+        return await self._answer(self.named_keys.get(alt_name))
 
     async def _answer(self, key: DataKey | None) -> DataKey | None:
         self.queries += 1
