@@ -6,10 +6,12 @@ request and response shapes of Vault's HTTP API documentation:
     POST /v1/{mount}/encrypt/{name}  {"plaintext": b64}   -> {"data": {"ciphertext": "vault:v1:...", "key_version": 1}}
     POST /v1/{mount}/decrypt/{name}  {"ciphertext": "..."} -> {"data": {"plaintext": b64}}
 
-Errors are `{"errors": [...]}` with Vault's status codes and texts: 403
-"permission denied" for a missing or unknown X-Vault-Token, 400 for an
-invalid request or a ciphertext that does not decrypt, 404 for a path that
-no engine serves, and 503 "Vault is sealed" after `seal()`.
+Errors are `{"errors": [...]}` with Vault's status codes and texts:
+
+- 403 "permission denied" for a missing or unknown X-Vault-Token,
+- 400 for an invalid request or a ciphertext that does not decrypt,
+- 404 for a path that no engine serves,
+- 503 "Vault is sealed" after `seal()`.
 
 Each key version is an AES-256-GCM key, and a ciphertext is
 "vault:v{version}:" followed by base64 of nonce, ciphertext and tag, as Vault
@@ -219,7 +221,7 @@ class VaultStandin:
 
 
 def _split_path(path: str) -> tuple[str, str, str]:
-    """Split "/v1/{mount}/{operation}/{name}" into its parts; the mount may contain slashes."""
+    """Split "/v1/{mount}/{operation}/{name}" into its parts. The mount may contain slashes."""
     parts = path.removeprefix("/v1/").strip("/").split("/")
     if len(parts) < 3:
         return "", "", ""

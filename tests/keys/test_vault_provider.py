@@ -16,7 +16,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.encryption import ClientEncryption
 from pymongo.errors import EncryptionError
 from standin_vault import VaultStandin
-from tls_ca import TlsFiles
+from tls_ca import TlsFiles, make_tls_files
 
 from proxy.crypto.cipher import Algorithm, encrypt_value
 from proxy.crypto.errors import DecryptionError, KeyDocumentError, MasterKeyError, MasterKeyUnavailable
@@ -55,7 +55,7 @@ def tls_standin(tls_files: TlsFiles) -> Iterator[VaultStandin]:
 def vault_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, standin: VaultStandin
 ) -> Path:
-    """Point hvac at the stand-in with the test's token; return the test's HOME."""
+    """Point hvac at the stand-in with the test's token, and return the test's HOME."""
     for variable in _CLEARED_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
@@ -333,7 +333,7 @@ def test_closed_port_unavailable_quickly() -> None:
 
 
 def test_silent_server_times_out() -> None:
-    # The kernel accepts connections into the backlog, but nothing ever reads or answers.
+    # The kernel accepts connections into the backlog, but nothing ever reads or responds.
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
@@ -376,13 +376,8 @@ def test_tls_with_vault_cacert(
     assert vault_key.unwrap(vault_key.wrap(MATERIAL), {}) == MATERIAL
 
 
-def test_tls_untrusted_certificate(
-    monkeypatch: pytest.MonkeyPatch, tls_standin: VaultStandin, tmp_path: Path, tls_files: TlsFiles
-) -> None:
-    # A CA file that does not contain the stand-in's CA: the server certificate of
-    # the stand-in itself, which is no CA certificate.
-    other_ca = tmp_path / "other-ca.pem"
-    other_ca.write_bytes(tls_files.server_cert_file.read_bytes())
+def test_tls_untrusted_certificate(tls_standin: VaultStandin, tmp_path: Path) -> None:
+    other_ca = make_tls_files(tmp_path).ca_file
     vault_key = provider(address=tls_standin.address, tls_ca_file=str(other_ca))
 
     with pytest.raises(MasterKeyUnavailable) as caught:
@@ -420,10 +415,15 @@ def test_address_invalid(address: str) -> None:
         provider(address=address)
 
 
-@pytest.mark.parametrize("key_name", ["a/b", "", "key?x=1", "-key"])
+@pytest.mark.parametrize("key_name", ["a/b", "", "key?x=1", "-key", "key.", "schlüssel", "a@b"])
 def test_key_name_invalid(key_name: str) -> None:
     with pytest.raises(MasterKeyError, match="not a valid Transit key name"):
         VaultProvider("v", {"keyName": key_name})
+
+
+@pytest.mark.parametrize("key_name", ["k", "orders.v2_key-1", "_private"])
+def test_key_name_valid(key_name: str) -> None:
+    assert provider(key_name).key_name == key_name
 
 
 @pytest.mark.parametrize("mount", ["", "/", "transit/../sys", "a b"])
@@ -510,7 +510,7 @@ async def test_driver_rejects_vault_key(secantus_uri: str, collection: AsyncColl
         CodecOptions(),
     )
     try:
-        with pytest.raises(EncryptionError):
+        with pytest.raises(EncryptionError, match="unrecognized KMS provider `vault`"):
             driver.decrypt(ciphertext)
     finally:
         driver.close()

@@ -6,11 +6,12 @@ that string, UTF-8 encoded, as its keyMaterial. The "v1" part names the
 version of the Transit key, so data keys wrapped before a rotation of the
 Transit key still unwrap afterwards.
 
-MongoDB's drivers have no "vault" KMS provider (libmongocrypt supports aws,
-azure, gcp, kmip and local). The masterKey written here,
-``{provider: "vault", keyName, mount}``, is mongoveil's own, so only mongoveil
-can use such key documents. A driver with client-side field level encryption
-rejects a key document whose masterKey names an unknown provider.
+MongoDB's drivers have no "vault" KMS provider: the libmongoc manual lists
+aws, azure, gcp, local and kmip as the KMS provider types. The masterKey
+written here, ``{provider: "vault", keyName, mount}``, is mongoveil's own, so
+only mongoveil can use such key documents. A driver with client-side field
+level encryption rejects them: pymongo 4.20 with pymongocrypt 1.21 raises
+"unrecognized KMS provider `vault`" when it meets one.
 
 The masterKey leaves out Vault's address: one Transit key may be reached under
 several addresses (a load balancer, a replicated cluster), and key documents
@@ -64,7 +65,7 @@ _STATUS_OF_ERROR: dict[type[hvac.exceptions.VaultError], int] = {
     hvac.exceptions.VaultDown: 503,
 }
 
-# Vault answers HTTP 400 both for a ciphertext that does not decrypt and for
+# Vault returns HTTP 400 both for a ciphertext that does not decrypt and for
 # some problems of the key or the request. These parts of Vault's error text
 # mark the second kind, which is not a fault of the key document.
 _NOT_CIPHERTEXT_ERRORS = (
@@ -74,24 +75,27 @@ _NOT_CIPHERTEXT_ERRORS = (
     "key derivation",
 )
 
-# A Transit key name as Vault's request router accepts it (its GenericNameRegex).
-_KEY_NAME = re.compile(r"\w(?:[\w.@-]*\w)?")
-_MOUNT_SEGMENT = re.compile(r"[\w.@-]+")
+# A Transit key name as the pattern of Vault's Transit paths accepts it
+# (GenericNameRegex in Vault's sdk/framework). Go's \w matches ASCII only.
+_KEY_NAME = re.compile(r"\w(?:[\w.-]*\w)?", re.ASCII)
+_MOUNT_SEGMENT = re.compile(r"[\w.@-]+", re.ASCII)
 
 
 class VaultProvider(MasterKeyProvider):
     """A Transit key of HashiCorp Vault, reached through the hvac client library.
 
-    Settings: ``keyName`` (the Transit key), ``mount`` (the path where the
-    Transit engine is mounted, default "transit"), ``address`` (Vault's URL,
-    default the VAULT_ADDR environment variable) and ``tls_ca_file`` (the CA
-    bundle to trust, default the VAULT_CACERT or VAULT_CAPATH environment
-    variable, else the system's trust store).
+    Settings:
+
+    - ``keyName``: the Transit key.
+    - ``mount``: the path where the Transit engine is mounted, default "transit".
+    - ``address``: Vault's URL, default the VAULT_ADDR environment variable.
+    - ``tls_ca_file``: the CA bundle to trust. The default is the VAULT_CACERT
+      or VAULT_CAPATH environment variable, else the system's trust store.
     """
 
     kind = VAULT_PROVIDER
 
-    # Applies to connecting and, separately, to waiting for each response.
+    # Seconds that requests waits for the connection, and then for each read of the response.
     timeout_seconds: float = 5.0
 
     def __init__(self, name: str, settings: Mapping[str, str]) -> None:
@@ -150,7 +154,7 @@ class VaultProvider(MasterKeyProvider):
             material = base64.b64decode(plaintext, validate=True)
         except binascii.Error:
             raise self._unavailable("decrypt", "Vault returned a plaintext that is not base64") from None
-        # Another 96 bytes would be a wrapped value that is not a data key.
+        # A plaintext of any other length was wrapped by this key, but is no data key.
         if len(material) != aead.KEY_SIZE:
             raise DecryptionError()
         return material
@@ -158,8 +162,8 @@ class VaultProvider(MasterKeyProvider):
     def _call(self, operation: str, **fields: str) -> object:
         """Send one Transit request and return hvac's response.
 
-        Raises hvac's VaultError when Vault answers with an error status, and
-        MasterKeyUnavailable when no answer arrives.
+        Raises hvac's VaultError when Vault returns an error status, and
+        MasterKeyUnavailable when no response arrives.
         """
         client = hvac.Client(
             url=self.address,
@@ -173,7 +177,7 @@ class VaultProvider(MasterKeyProvider):
         try:
             return send(name=self.key_name, mount_point=self.mount, **fields)
         except requests.exceptions.InvalidHeader:
-            pass  # raised below the try statement, see there
+            pass  # The error is raised after the try statement, for the reason given there.
         except requests.exceptions.Timeout as exc:
             raise self._unavailable(
                 operation, f"Vault at {self.address} did not respond within "
@@ -201,8 +205,14 @@ class VaultProvider(MasterKeyProvider):
         status = _STATUS_OF_ERROR.get(type(exc))
         status_text = f"HTTP {status}" if status is not None else "an unexpected HTTP status"
         reason = f"Vault returned {status_text}: {_vault_errors(exc) or 'no error text'}"
-        if isinstance(exc, hvac.exceptions.Forbidden) and hvac.utils.get_token_from_env() is None:
-            reason += " (no token found: set VAULT_TOKEN or write the token to ~/.vault-token)"
+        if isinstance(exc, hvac.exceptions.Forbidden):
+            if hvac.utils.get_token_from_env() is None:
+                reason += " (no token found: set VAULT_TOKEN or write the token to ~/.vault-token)"
+            else:
+                reason += (
+                    f" (check that the token is valid and that its policy allows update on "
+                    f"{self.mount}/{operation}/{self.key_name})"
+                )
         raise self._unavailable(operation, reason) from None
 
     def _unavailable(self, operation: str, reason: str) -> MasterKeyUnavailable:
@@ -215,8 +225,9 @@ class VaultProvider(MasterKeyProvider):
 def _check_key_name(name: str, key_name: str) -> str:
     if _KEY_NAME.fullmatch(key_name) is None:
         raise MasterKeyError(
-            f"master key {name!r}: keyName {key_name!r} is not a valid Transit key name; "
-            "use letters, digits, '_', '-', '.' and '@'"
+            f"master key {name!r}: keyName {key_name!r} is not a valid Transit key name. "
+            "Use ASCII letters, digits, '_', '-' and '.', and start and end with a letter, "
+            "a digit or '_'"
         )
     return key_name
 
@@ -226,8 +237,8 @@ def _check_mount(name: str, mount: str) -> str:
     for segment in segments:
         if _MOUNT_SEGMENT.fullmatch(segment) is None or segment in (".", ".."):
             raise MasterKeyError(
-                f"master key {name!r}: mount {mount!r} is not a valid Vault path; "
-                "give the path of the Transit engine, such as 'transit'"
+                f"master key {name!r}: mount {mount!r} is not a valid Vault path. "
+                "Give the path of the Transit engine, such as 'transit'"
             )
     return "/".join(segments)
 
@@ -235,7 +246,7 @@ def _check_mount(name: str, mount: str) -> str:
 def _check_address(name: str, address: str | None) -> str:
     if not address:
         raise MasterKeyError(
-            f"master key {name!r}: Vault's address is not set; give the setting address "
+            f"master key {name!r}: Vault's address is not set. Give the setting address "
             "in the policy or set the VAULT_ADDR environment variable"
         )
     parsed = urllib.parse.urlsplit(address)
@@ -254,7 +265,7 @@ def _trust_setting(settings: Mapping[str, str]) -> str | bool:
     """
     if "tls_ca_file" in settings:
         return settings["tls_ca_file"]
-    # The Vault CLI gives VAULT_CACERT precedence over VAULT_CAPATH.
+    # hvac, like the Vault CLI, gives VAULT_CACERT precedence over VAULT_CAPATH.
     return os.environ.get("VAULT_CACERT") or os.environ.get("VAULT_CAPATH") or True
 
 
