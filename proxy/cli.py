@@ -32,6 +32,11 @@ def _add_key_vault_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the MONGOVEIL_UPSTREAM environment variable)")
 
 
+def _add_yes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", action="store_true",
+                        help="do not ask for confirmation (required without a terminal)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mongoveil",
@@ -86,11 +91,42 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="id of the data key")
     target.add_argument("--class", dest="class_name", metavar="NAME",
                         help="data class whose active key to disable")
-    disable.add_argument("--yes", action="store_true",
-                         help="do not ask for confirmation (required without a terminal)")
+    _add_yes_argument(disable)
+
+    rotate = key_commands.add_parser(
+        "rotate", help="give a class a new data key; the old one keeps decrypting old values")
+    _add_key_vault_arguments(rotate)
+    rotate.add_argument("--class", dest="class_name", required=True, metavar="NAME",
+                        help="data class named in the policy")
+    _add_yes_argument(rotate)
+
+    rewrap = key_commands.add_parser(
+        "rewrap", help="wrap every data key with another master key; values are not touched")
+    _add_key_vault_arguments(rewrap)
+    rewrap.add_argument("--to-provider", dest="target", required=True, metavar="NAME",
+                        help="name of the new master key under keys.master_keys in the policy")
+    _add_yes_argument(rewrap)
+
+    shred = key_commands.add_parser(
+        "shred", help="delete one data subject's key: its values become unreadable for good")
+    _add_key_vault_arguments(shred)
+    shred.add_argument("--class", dest="class_name", required=True, metavar="NAME",
+                       help="data class configured with key_per in the policy")
+    subject = shred.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--subject", metavar="VALUE",
+                         help="the subject's value in the key_per field, as a string")
+    subject.add_argument("--subject-json", metavar="JSON",
+                         help="the subject's value as MongoDB Extended JSON, for other types, "
+                              "for example '{\"$numberInt\": \"42\"}'")
+    shred.add_argument("--reason", metavar="TEXT",
+                       help="why the key is shredded, for the audit record (no personal data)")
+    shred.add_argument("--no-audit", action="store_true",
+                       help="shred even though the policy configures no audit file")
+    _add_yes_argument(shred)
 
     migrate = commands.add_parser(
-        "migrate", help="encrypt the protected fields of an existing collection in place")
+        "migrate", help="encrypt the protected fields of an existing collection in place, and "
+                        "re-encrypt values of rotated keys")
     _add_key_vault_arguments(migrate)
     migrate.add_argument("--namespace", required=True, metavar="DB.COLL",
                          help="collection to migrate, as named in the policy")
@@ -145,14 +181,15 @@ def _run_keys(args: argparse.Namespace) -> int:
 
 
 async def _keys_command(args: argparse.Namespace) -> list[str]:
-    from proxy import keys_commands
+    from proxy import keys_commands, keys_lifecycle
 
-    if args.keys_command == "init":
-        return await keys_commands.init_keys(args.policy, args.upstream)
-    if args.keys_command == "list":
-        return await keys_commands.list_keys(args.policy, args.upstream, as_json=args.json)
-    if args.keys_command == "create":
-        return await keys_commands.create_key(args.policy, args.upstream, args.class_name)
+    policy, upstream, command = args.policy, args.upstream, args.keys_command
+    if command == "init":
+        return await keys_commands.init_keys(policy, upstream)
+    if command == "list":
+        return await keys_commands.list_keys(policy, upstream, as_json=args.json)
+    if command == "create":
+        return await keys_commands.create_key(policy, upstream, args.class_name)
 
     confirm = None
     if not args.yes:
@@ -160,10 +197,34 @@ async def _keys_command(args: argparse.Namespace) -> list[str]:
         if not sys.stdin.isatty():
             raise keys_commands.KeysCommandError(
                 "standard input is not a terminal, so no confirmation can be asked; "
-                "pass --yes to disable the key")
+                f"pass --yes to {command} without one")
         confirm = keys_commands.terminal_confirm
-    return await keys_commands.disable_key(args.policy, args.upstream, key_id=args.key_id,
-                                           class_name=args.class_name, confirm=confirm)
+
+    if command == "disable":
+        return await keys_commands.disable_key(policy, upstream, key_id=args.key_id,
+                                               class_name=args.class_name, confirm=confirm)
+    if command == "rotate":
+        return await keys_lifecycle.rotate_key(policy, upstream, args.class_name, confirm=confirm)
+    if command == "rewrap":
+        return await keys_lifecycle.rewrap_keys(policy, upstream, args.target, confirm=confirm)
+    return await keys_lifecycle.shred_subject(
+        policy, upstream, args.class_name, _subject_value(args), reason=args.reason,
+        audit=not args.no_audit, confirm=confirm)
+
+
+def _subject_value(args: argparse.Namespace) -> object:
+    """The subject of `keys shred`: --subject as a string, or --subject-json decoded."""
+    if args.subject is not None:
+        return args.subject
+
+    from bson import json_util
+    from proxy.keys_commands import KeysCommandError
+
+    try:
+        return json_util.loads(args.subject_json)
+    except ValueError:
+        # The text is not echoed: it is a data subject's identifier.
+        raise KeysCommandError("--subject-json is not valid MongoDB Extended JSON") from None
 
 
 def _run_migrate(args: argparse.Namespace) -> int:
@@ -201,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # pymongo's debug logging of the key vault client prints whole replies,
     # wrapped data keys included; keep it out of the proxy's log.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLogger().level))
-    from proxy.crypto.errors import KeyDocumentError, MasterKeyError
+    from proxy.crypto.errors import KeyDocumentError, MasterKeyError, MasterKeyUnavailable
     from proxy.policy import PolicyError
 
     handlers = {
@@ -213,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except MasterKeyUnavailable as error:
+        print(f"mongoveil: error: {error}", file=sys.stderr)
+        return 2
     except MasterKeyError as error:
         print(f"mongoveil: error: {error}; create it with `mongoveil keys init --policy FILE "
               "--upstream URI`, or restore it from your backup", file=sys.stderr)

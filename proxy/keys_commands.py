@@ -31,7 +31,8 @@ class KeysCommandError(Exception):
 
 
 @asynccontextmanager
-async def _open_vault(policy: Policy, upstream_uri: str) -> AsyncIterator[KeyVault]:
+async def open_vault(policy: Policy, upstream_uri: str) -> AsyncIterator[KeyVault]:
+    """Yield the policy's key vault through a client of its own, closed afterwards."""
     client, vault = open_key_vault(policy, upstream_uri)
     try:
         yield vault
@@ -51,7 +52,7 @@ async def init_keys(policy_path: Path, upstream_uri: str) -> list[str]:
     else:
         lines.append(f"using existing master key file {policy.master_key_file}")
 
-    async with _open_vault(policy, upstream_uri) as vault:
+    async with open_vault(policy, upstream_uri) as vault:
         await vault.ensure_indexes()
         for class_name in policy.classes:
             key = await vault.load_class_key(class_name, create=True)
@@ -69,7 +70,7 @@ async def list_keys(policy_path: Path, upstream_uri: str, *, as_json: bool) -> l
     lines. Otherwise the lines are aligned columns under a header.
     """
     policy = load_policy(policy_path)
-    async with _open_vault(policy, upstream_uri) as vault:
+    async with open_vault(policy, upstream_uri) as vault:
         infos = await vault.list_keys()
 
     rows = [_key_row(info) for info in infos]
@@ -91,7 +92,7 @@ def _key_row(info: KeyInfo) -> dict[str, object]:
         "class": info.class_name,
         "provider": info.provider,
         "created": created,
-        "status": "disabled" if info.disabled else "active",
+        "status": "disabled" if info.disabled else ("retired" if info.kind == "retired" else "active"),
     }
 
 
@@ -123,24 +124,21 @@ async def create_key(policy_path: Path, upstream_uri: str, class_name: str) -> l
             f"its classes are: {', '.join(policy.classes)}"
         )
 
-    async with _open_vault(policy, upstream_uri) as vault:
+    async with open_vault(policy, upstream_uri) as vault:
         await vault.ensure_indexes()
         existing = await vault.load_class_key(class_name, create=False)
         if existing is not None:
             raise KeysCommandError(
                 f"class {class_name!r} already has the active data key {existing.id}; "
-                "a second active key for one class is what `mongoveil keys rotate` will "
-                "create (not available yet)"
+                f"to replace it, run `mongoveil keys rotate --class {class_name}`"
             )
         key = await vault.load_class_key(class_name, create=True)
 
     if key is None:
-        # TODO: `keys rotate` must give a replacement key its own alt name first.
         raise KeysCommandError(
-            f"class {class_name!r} has only disabled data keys, and the alt name "
-            f"{class_alt_name(class_name)!r} stays with them so that old values remain "
-            "readable; a replacement key is what `mongoveil keys rotate` will create "
-            "(not available yet)"
+            f"class {class_name!r} has only a disabled data key, which keeps the alt name "
+            f"{class_alt_name(class_name)!r}; give the class a new key with "
+            f"`mongoveil keys rotate --class {class_name}`"
         )
     return [f"class {class_name}: created data key {key.id}"]
 
@@ -161,7 +159,7 @@ async def disable_key(
     active keys, or when the operator declines.
     """
     policy = load_policy(policy_path)
-    async with _open_vault(policy, upstream_uri) as vault:
+    async with open_vault(policy, upstream_uri) as vault:
         info = _choose_key(await vault.list_keys(), key_id, class_name)
         if info.disabled:
             return [f"data key {info.id} is disabled already"]

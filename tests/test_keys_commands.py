@@ -209,7 +209,8 @@ def test_create_after_disable(
     result = _run_keys(upstream_uri, "create", "--policy", str(policy_path), "--class", "identity")
 
     assert result.returncode == 1
-    assert "only disabled data keys" in result.stderr
+    assert "only a disabled data key" in result.stderr
+    assert "keys rotate --class" in result.stderr
     assert "keys rotate" in result.stderr
     assert key_vault.count_documents({}) == 2
 

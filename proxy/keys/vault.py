@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bson.binary import Binary
 from pymongo.errors import DuplicateKeyError
 
 from proxy.crypto import aead
-from proxy.crypto.data_key import DataKey, class_alt_name
+from proxy.crypto.data_key import DataKey, class_alt_name, retired_alt_name, retired_prefix
 from proxy.crypto.errors import DecryptionError, KeyDocumentError
 from proxy.crypto.key_document import (
     STATUS_DISABLED,
@@ -225,6 +227,90 @@ class KeyVault:
         )
         return result.modified_count == 1
 
+
+    async def retire_class_key(
+        self, class_name: str, *, now: datetime.datetime | None = None
+    ) -> uuid.UUID | None:
+        """Take the class alt name from the class's current key; return that key's id.
+
+        The key gets "mongoveil:CLASS:retired:ID" in its place and `mongoveil.retiredAt`,
+        so it keeps decrypting old values while the next `load_class_key(create=True)`
+        creates a new class key. Returns None when no key holds the class name.
+        """
+        if now is None:
+            now = datetime.datetime.now(datetime.timezone.utc)
+        alt_name = class_alt_name(class_name)
+        doc = await self._collection.find_one({"keyAltNames": alt_name}, projection={"_id": True})
+        if doc is None:
+            return None
+
+        key_id = doc["_id"]
+        result = await self._collection.update_one(
+            {"_id": key_id, "keyAltNames": alt_name},
+            {"$set": {"keyAltNames": [retired_alt_name(class_name, key_id)],
+                      "mongoveil.retiredAt": now, "updateDate": now}},
+        )
+        return key_id if result.modified_count == 1 else None
+
+    async def retired_key_ids(self, class_name: str) -> set[uuid.UUID]:
+        """Return the ids of the keys of a class that `retire_class_key` replaced."""
+        prefix = re.escape(retired_prefix(class_name))
+        cursor = self._collection.find({"keyAltNames": {"$regex": f"^{prefix}"}},
+                                       projection={"_id": True})
+        return {doc["_id"] async for doc in cursor}
+
+    async def delete_named_key(self, alt_name: str) -> uuid.UUID | None:
+        """Delete the key document that holds this alt name; return its id, or None if none does."""
+        doc = await self._collection.find_one_and_delete(
+            {"keyAltNames": alt_name}, projection={"_id": True})
+        return None if doc is None else doc["_id"]
+
+    async def rewrap_documents(
+        self, target: MasterKeyProvider
+    ) -> list[tuple[dict[str, object], bytes]]:
+        """Return each key document of a configured master key other than `target`.
+
+        Each comes with its material wrapped anew by `target`, and that wrapping is
+        checked by unwrapping it again. Nothing is written: `store_rewrapped`
+        writes the results once every key has been rewrapped. Key documents of master
+        keys the policy does not configure are left out.
+        """
+        results = []
+        async for doc in self._collection.find({}):
+            wrapped = wrapped_key_from_document(doc)
+            provider = self.master_keys.for_document(wrapped.master_key)
+            if provider is None or provider is target:
+                continue
+
+            key = await self.unwrap(doc)
+            new_material = await call_provider(target, target.wrap, key.material)
+            check = await call_provider(target, target.unwrap, new_material,
+                                        target.master_key_document())
+            if check != key.material:
+                raise KeyDocumentError(
+                    f"key document {key.id}: master key {target.name!r} returned a wrapping "
+                    "that does not unwrap to the same key; nothing was changed", key.id)
+            results.append((doc, new_material))
+        return results
+
+    async def store_rewrapped(
+        self, doc: Mapping[str, object], new_material: bytes, target: MasterKeyProvider,
+        *, now: datetime.datetime | None = None,
+    ) -> bool:
+        """Replace one document's keyMaterial and masterKey with those of `target`.
+
+        The update matches the old keyMaterial, so a document that changed since it
+        was read is left alone (returns False) and the next rewrap picks it up.
+        """
+        if now is None:
+            now = datetime.datetime.now(datetime.timezone.utc)
+        result = await self._collection.update_one(
+            {"_id": doc["_id"], "keyMaterial": doc["keyMaterial"]},
+            {"$set": {"keyMaterial": Binary(new_material, 0),
+                      "masterKey": target.master_key_document(),
+                      "updateDate": now}},
+        )
+        return result.modified_count == 1
 
 async def call_provider(provider: MasterKeyProvider, method: Callable[..., _T], *args: object) -> _T:
     """Call a provider method, in a worker thread when the provider blocks on the network."""

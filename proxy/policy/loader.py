@@ -25,6 +25,7 @@ from .yaml_file import read_policy_yaml
 
 TOP_LEVEL_KEYS = (
     "keys", "classes", "views", "collections", "roles", "identity", "default_role", "on_key_error",
+    "audit",
 )
 KEYS_KEYS = ("master_key_file", "master_keys", "master_key", "key_vault", "cache")
 DEFAULT_KEY_VAULT = "encryption.__keyVault"
@@ -76,6 +77,7 @@ class _PolicyParser(MasterKeysParser):
         roles = self.parse_roles(top.get("roles"), classes)
         identity = self.parse_identity(top.get("identity"), roles)
         default_role = self.parse_default_role(top.get("default_role"), roles)
+        audit_file = self.parse_audit(top.get("audit"))
 
         return Policy(
             source=self.source,
@@ -91,6 +93,7 @@ class _PolicyParser(MasterKeysParser):
             key_cache=key_cache,
             on_key_error=View(on_key_error),
             key_per=key_per,
+            audit_file=audit_file,
         )
 
     def parse_keys(self, value: object) -> tuple[tuple[MasterKeyConfig, ...], str, str]:
@@ -104,6 +107,14 @@ class _PolicyParser(MasterKeysParser):
         if problem is not None:
             self.fail("keys.key_vault", problem)
         return master_keys, master_key, key_vault
+
+    def parse_audit(self, value: object) -> Path | None:
+        """Return the absolute path of the audit file, or None when the policy sets none."""
+        audit = self.optional_mapping(value, "audit")
+        self.check_keys(audit, "audit", ("file",))
+        if "file" not in audit:
+            return None
+        return self.resolve(self.string(audit["file"], "audit.file"))
 
     def parse_key_cache(self, value: object, classes: tuple[str, ...]) -> KeyCacheSettings:
         """Return the limits of the data key cache, checked against the declared classes."""

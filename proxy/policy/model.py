@@ -137,7 +137,8 @@ class Policy:
     `source` is the policy file as given to the loader. `master_keys` are the configured
     master keys and `master_key` names the one that wraps new data keys; the others
     only unwrap existing keys. `key_per` maps a class with one data key per data subject
-    to the field that names the subject. `roles` maps each policy role to the views it
+    to the field that names the subject. `audit_file` is the JSON-lines audit log, or
+    None. `roles` maps each policy role to the views it
     names, and a class that a role does not name is REDACT for that role. `default_role`
     is given to connections that no identity rule matches. `on_key_error` is CIPHERTEXT
     or REDACT: what a reply carries in place of a value whose data key cannot be loaded
@@ -157,6 +158,7 @@ class Policy:
     key_cache: KeyCacheSettings = KeyCacheSettings()
     on_key_error: View = View.CIPHERTEXT
     key_per: Mapping[str, str] = field(default_factory=dict)
+    audit_file: Path | None = None
 
     @property
     def active_master_key(self) -> MasterKeyConfig:

@@ -57,6 +57,7 @@ class KmsStandIn:
         self.tls_files = tls_files
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._clients: dict[str, Any] = {}
 
     @property
     def endpoint(self) -> str:
@@ -83,6 +84,9 @@ class KmsStandIn:
 
     def stop(self) -> None:
         """Stop serving and close the listening socket."""
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
         if self._server is None:
             return
         self._server.shutdown()
@@ -105,33 +109,30 @@ class KmsStandIn:
         self.stop()
 
     def client(self, region: str = REGION) -> Any:
-        """Return a botocore KMS client for this stand-in with the fake credentials."""
-        return botocore.session.get_session().create_client(
-            "kms",
-            region_name=region,
-            endpoint_url=f"https://{self.endpoint}",
-            verify=str(self.tls_files.ca_file),
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
-        )
+        """Return a botocore KMS client for this stand-in with the fake credentials.
+
+        The client of a region is made once and kept until `stop`.
+        """
+        if region not in self._clients:
+            self._clients[region] = botocore.session.get_session().create_client(
+                "kms",
+                region_name=region,
+                endpoint_url=f"https://{self.endpoint}",
+                verify=str(self.tls_files.ca_file),
+                aws_access_key_id=ACCESS_KEY_ID,
+                aws_secret_access_key=SECRET_ACCESS_KEY,
+            )
+        return self._clients[region]
 
     def create_key(self, region: str = REGION) -> str:
         """Create a symmetric encryption key and return its ARN."""
-        client = self.client(region)
-        try:
-            metadata = client.create_key(Description="mongoveil test key")["KeyMetadata"]
-        finally:
-            client.close()
+        metadata = self.client(region).create_key(Description="mongoveil test key")["KeyMetadata"]
         return metadata["Arn"]
 
     def disable_key(self, key_arn: str) -> None:
         """Disable a key with the DisableKey call."""
-        client = self.client(_region_of(key_arn))
-        try:
-            # moto 5.2.6 fails with HTTP 500 on DisableKey with a key ARN, so the key id is sent.
-            client.disable_key(KeyId=key_arn.rsplit("/", 1)[1])
-        finally:
-            client.close()
+        # moto 5.2.6 fails with HTTP 500 on DisableKey with a key ARN, so the key id is sent.
+        self.client(_region_of(key_arn)).disable_key(KeyId=key_arn.rsplit("/", 1)[1])
 
 
 class _QuietRequestHandler(MotoRequestHandler):

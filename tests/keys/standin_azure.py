@@ -194,6 +194,11 @@ class AzureStandin:
             self.token_scopes.append(scope)
         return token
 
+    def issued_tokens(self) -> list[str]:
+        """Return every access token issued so far, for tests that check none leaks."""
+        with self._lock:
+            return list(self._tokens)
+
     def token_valid(self, authorization: str | None) -> bool:
         if authorization is None or not authorization.startswith("Bearer "):
             return False

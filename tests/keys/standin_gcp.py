@@ -58,6 +58,10 @@ KMS_SCOPES = frozenset({
 # label: for 127.0.0.1 that is "0.0.1". The stand-in accepts that scope too.
 LIBMONGOCRYPT_ENDPOINT_SCOPE = "https://www.0.0.1/auth/cloudkms"
 TOKEN_LIFETIME_SECONDS = 3600
+# The JWT audiences accepted. Google's token endpoint requires its own URL,
+# which google-auth writes whatever the token_uri is. libmongocrypt 1.21 writes
+# "https://HOST/token" for a custom token endpoint, HOST without the port.
+TOKEN_AUDIENCES = ("https://oauth2.googleapis.com/token", "https://127.0.0.1/token")
 # Google accepts assertions whose iat is at most this far in the future.
 CLOCK_SKEW_SECONDS = 300
 
@@ -124,6 +128,7 @@ class GcpKmsStandIn:
         self._service_accounts: dict[str, rsa.RSAPublicKey] = {}
         self._keys: dict[str, _CryptoKey] = {}
         self._tokens: dict[str, _Token] = {}
+        self._every_token: list[str] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         # "METHOD path" of every request received, in order.
@@ -211,6 +216,11 @@ class GcpKmsStandIn:
         with self._lock:
             self._tokens.clear()
 
+    def issued_tokens(self) -> list[str]:
+        """Return every access token issued so far, revoked ones included."""
+        with self._lock:
+            return list(self._every_token)
+
     def token_request_count(self) -> int:
         return sum(1 for line in self.requests if line == "POST /token")
 
@@ -223,9 +233,7 @@ class GcpKmsStandIn:
         assertion = form.get("assertion", [""])[0]
         claims = self._verified_claims(assertion)
 
-        # The audience is the token endpoint's URL. google-auth writes the
-        # token_uri with its port, and libmongocrypt writes the host alone.
-        if claims.get("aud") not in (self.token_uri, "https://127.0.0.1/token"):
+        if claims.get("aud") not in TOKEN_AUDIENCES:
             raise _oauth_error("invalid_grant", "Invalid JWT: audience does not match.")
         now = time.time()
         if not isinstance(claims.get("exp"), (int, float)) or claims["exp"] <= now:
@@ -240,6 +248,7 @@ class GcpKmsStandIn:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._tokens[token] = _Token(str(claims["iss"]), now + TOKEN_LIFETIME_SECONDS)
+            self._every_token.append(token)
         return {"access_token": token, "expires_in": TOKEN_LIFETIME_SECONDS - 1,
                 "token_type": "Bearer"}
 
@@ -326,6 +335,7 @@ class GcpKmsStandIn:
                 raise invalid
             _check_enabled(name, number, version)
             secret = version.secret
+            used_primary = number == key.primary
 
         nonce = ciphertext[_VERSION_SIZE:_VERSION_SIZE + _NONCE_SIZE]
         try:
@@ -337,7 +347,7 @@ class GcpKmsStandIn:
         return {
             "plaintext": base64.b64encode(plaintext).decode("ascii"),
             "plaintextCrc32c": str(crc32c.crc32c(plaintext)),
-            "usedPrimary": number == key.primary,
+            "usedPrimary": used_primary,
             "protectionLevel": "SOFTWARE",
         }
 

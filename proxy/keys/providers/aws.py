@@ -103,8 +103,7 @@ class AwsProvider(MasterKeyProvider):
 
     def _create_client(self, ca_file: str | None) -> Any:
         config = Config(
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            read_timeout=READ_TIMEOUT_SECONDS,
+
             retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         )
         endpoint_url = f"https://{self.endpoint}" if self.endpoint is not None else None
