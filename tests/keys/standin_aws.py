@@ -12,8 +12,8 @@ Decrypt before they leave the server:
 - moto encrypts and decrypts with a disabled key or one pending deletion,
   where AWS KMS rejects the request with DisabledException or
   KMSInvalidStateException.
-- moto answers a Decrypt whose KeyId did not encrypt the ciphertext with
-  AccessDeniedException, where AWS KMS answers IncorrectKeyException.
+- moto rejects a Decrypt whose KeyId did not encrypt the ciphertext with
+  AccessDeniedException, where AWS KMS returns IncorrectKeyException.
 
 moto keeps its keys in process-wide state, so keys made through one stand-in
 stay in memory until the test process ends. Tests make a new key for each case.
@@ -145,9 +145,9 @@ class _QuietRequestHandler(MotoRequestHandler):
 class _KeyRules:
     """WSGI middleware that applies AWS KMS's key checks that moto leaves out.
 
-    It only looks at Encrypt and Decrypt requests. A Decrypt's KeyId is taken
-    out before moto sees it, and compared with the key that moto reports as
-    the one that encrypted the ciphertext.
+    It only changes Encrypt and Decrypt requests. A Decrypt's KeyId is removed
+    from the request passed to moto, then compared with the key that moto
+    returns as the one that encrypted the ciphertext.
     """
 
     def __init__(self, app: Callable[[dict[str, Any], StartResponse], Iterable[bytes]]) -> None:
@@ -170,8 +170,8 @@ class _KeyRules:
         key_arn = json.loads(body)["KeyId"]
         backend, key = _backend_and_key(key_arn)
         if requested_key is not None and not _names_key(backend, key, requested_key):
-            # NOTE: AWS KMS answers NotFoundException for a KeyId that names no
-            # key at all, and this stand-in answers IncorrectKeyException then too.
+            # NOTE: AWS KMS returns NotFoundException for a KeyId that names no
+            # key at all, but this stand-in returns IncorrectKeyException then too.
             return _error(start_response, "IncorrectKeyException",
                           "The key ID in the request does not identify a KMS key that can "
                           "perform this operation.")

@@ -15,7 +15,7 @@ response shapes of their REST documentation:
 
 Key Vault requests without a token this server issued get 401 with a
 ``WWW-Authenticate: Bearer authorization="...", resource="..."`` challenge, the
-way the Azure SDK expects before it asks for a token. Every key version is a
+way the Azure SDK expects before it requests a token. Every key version is a
 real 2048-bit RSA key and wrapping is RSA-OAEP with SHA-256, so a changed
 ciphertext fails to unwrap (400 BadParameter) as it would in Azure. Disabled
 keys return 403 Forbidden and unknown keys 404 KeyNotFound.
@@ -37,8 +37,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-# The resource that real Key Vault names in its challenge; tokens are asked for
-# "<resource>/.default".
+# The resource that real Key Vault names in its challenge. The SDK requests
+# tokens for "<resource>/.default".
 KEY_VAULT_RESOURCE = "https://vault.azure.net"
 ALGORITHM = "RSA-OAEP-256"
 TOKEN_LIFETIME_SECONDS = 3599
@@ -85,7 +85,7 @@ class RecordedRequest:
 
 
 class AzureStandin:
-    """Key Vault and identity-platform stand-in; use as a context manager or call start/stop.
+    """A Key Vault and identity-platform stand-in, used as a context manager or with start and stop.
 
     ``tenant_id``, ``client_id`` and ``client_secret`` are the only service
     principal the token endpoint accepts. Set ``allow_get`` to False to act
@@ -115,7 +115,7 @@ class AzureStandin:
 
     @property
     def endpoint(self) -> str:
-        """``127.0.0.1:PORT``, the form of MongoDB's keyVaultEndpoint and identityPlatformEndpoint."""
+        """``127.0.0.1:PORT``, the form of MongoDB's keyVaultEndpoint setting."""
         return f"127.0.0.1:{self.port}"
 
     @property
@@ -212,6 +212,10 @@ class AzureStandin:
             self.requests.append(request)
 
 
+# A response: HTTP status, JSON body and extra headers.
+Reply = tuple[int, object, dict[str, str]]
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "azure-standin"
@@ -240,7 +244,9 @@ class _Handler(BaseHTTPRequestHandler):
         authorized = self.standin.token_valid(self.headers.get("Authorization"))
 
         if segments and segments[0] == "keys":
-            status, payload, headers = self._key_vault(method, segments[1:], query, body, authorized)
+            status, payload, headers = self._key_vault(
+                method, segments[1:], query, body, authorized
+            )
         else:
             status, payload, headers = self._identity(method, segments, body)
 
@@ -263,19 +269,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # Microsoft identity platform.
 
-    def _identity(
-        self, method: str, segments: list[str], body: bytes
-    ) -> tuple[int, object, dict[str, str]]:
+    def _identity(self, method: str, segments: list[str], body: bytes) -> Reply:
         standin = self.standin
         if not segments or segments[0] != standin.tenant_id:
-            return 400, _oauth_error("invalid_tenant", "AADSTS90002: Tenant not found."), {}
+            return _oauth_error(400, "invalid_tenant", "AADSTS90002: Tenant not found.")
 
         rest = segments[1:]
         if method == "GET" and rest == ["v2.0", ".well-known", "openid-configuration"]:
             return 200, self._openid_configuration(), {}
         if method == "POST" and rest == ["oauth2", "v2.0", "token"]:
             return self._token(body)
-        return 404, _oauth_error("invalid_request", "AADSTS900561: The endpoint only accepts POST requests."), {}
+        return _oauth_error(404, "invalid_request", "The stand-in does not serve this path.")
 
     def _openid_configuration(self) -> dict[str, object]:
         base = f"{self.standin.url}/{self.standin.tenant_id}"
@@ -289,20 +293,24 @@ class _Handler(BaseHTTPRequestHandler):
             "id_token_signing_alg_values_supported": ["RS256"],
         }
 
-    def _token(self, body: bytes) -> tuple[int, object, dict[str, str]]:
+    def _token(self, body: bytes) -> Reply:
         standin = self.standin
         form = {key: values[0] for key, values in urllib.parse.parse_qs(body.decode()).items()}
         if form.get("grant_type") != "client_credentials":
-            return 400, _oauth_error("unsupported_grant_type", "AADSTS70003: unsupported grant type."), {}
+            return _oauth_error(
+                400, "unsupported_grant_type", "AADSTS70003: Unsupported grant type."
+            )
         if form.get("client_id") != standin.client_id:
-            return 400, _oauth_error(
-                "unauthorized_client", "AADSTS700016: Application not found in the directory."
-            ), {}
+            return _oauth_error(
+                400, "unauthorized_client", "AADSTS700016: Application not found in the directory."
+            )
         if form.get("client_secret") != standin.client_secret:
-            return 401, _oauth_error("invalid_client", "AADSTS7000215: Invalid client secret provided."), {}
+            return _oauth_error(
+                401, "invalid_client", "AADSTS7000215: Invalid client secret provided."
+            )
         scope = form.get("scope", "")
         if not scope.endswith("/.default"):
-            return 400, _oauth_error("invalid_scope", "AADSTS1002012: The provided scope is invalid."), {}
+            return _oauth_error(400, "invalid_scope", "AADSTS1002012: The scope is not valid.")
 
         token = standin.issue_token(scope)
         return 200, {
@@ -321,17 +329,18 @@ class _Handler(BaseHTTPRequestHandler):
         query: dict[str, list[str]],
         body: bytes,
         authorized: bool,
-    ) -> tuple[int, object, dict[str, str]]:
+    ) -> Reply:
         if not query.get("api-version"):
-            return 400, _vault_error("BadParameter", "The api-version query parameter is missing."), {}
+            return _vault_error(400, "BadParameter", "The api-version query parameter is missing.")
         if not authorized:
-            challenge = (
+            reply = _vault_error(
+                401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token."
+            )
+            reply[2]["WWW-Authenticate"] = (
                 f'Bearer authorization="{self.standin.url}/{self.standin.tenant_id}", '
                 f'resource="{KEY_VAULT_RESOURCE}"'
             )
-            return 401, _vault_error(
-                "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token."
-            ), {"WWW-Authenticate": challenge}
+            return reply
 
         if method == "GET" and 1 <= len(segments) <= 2:
             name = segments[0]
@@ -340,23 +349,24 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and len(segments) == 3 and segments[2] in ("wrapkey", "unwrapkey"):
             name, version, operation = segments
             return self._wrap_or_unwrap(operation, name, version, body)
-        return 404, _vault_error("NotFound", "The requested resource does not exist."), {}
+        return _vault_error(404, "NotFound", "The requested resource does not exist.")
 
-    def _get_key(self, name: str, version: str) -> tuple[int, object, dict[str, str]]:
+    def _get_key(self, name: str, version: str) -> Reply:
         standin = self.standin
         if not standin.allow_get:
-            return 403, _vault_error(
-                "Forbidden",
+            return _vault_error(
+                403, "Forbidden",
                 "The user, group or application does not have keys get permission.",
                 inner="ForbiddenByPolicy",
-            ), {}
+            )
         key = standin.find_key(name, version)
         if key is None:
-            return 404, _key_not_found(name), {}
+            return _key_not_found(name)
         if not key.enabled:
-            return 403, _vault_error(
-                "Forbidden", "Operation get is not allowed on a disabled key.", inner="KeyDisabled"
-            ), {}
+            return _vault_error(
+                403, "Forbidden", "Operation get is not allowed on a disabled key.",
+                inner="KeyDisabled",
+            )
 
         numbers = key.private_key.public_key().public_numbers()
         return 200, {
@@ -376,29 +386,26 @@ class _Handler(BaseHTTPRequestHandler):
             },
         }, {}
 
-    def _wrap_or_unwrap(
-        self, operation: str, name: str, version: str, body: bytes
-    ) -> tuple[int, object, dict[str, str]]:
+    def _wrap_or_unwrap(self, operation: str, name: str, version: str, body: bytes) -> Reply:
         standin = self.standin
         key = standin.find_key(name, version)
         if key is None:
-            return 404, _key_not_found(name), {}
+            return _key_not_found(name)
         operation_name = "wrapKey" if operation == "wrapkey" else "unwrapKey"
         if not key.enabled:
-            return 403, _vault_error(
-                "Forbidden",
-                f"Operation {operation_name} is not allowed on a disabled key.",
+            return _vault_error(
+                403, "Forbidden", f"Operation {operation_name} is not allowed on a disabled key.",
                 inner="KeyDisabled",
-            ), {}
+            )
 
         try:
             request = json.loads(body)
             algorithm = request["alg"]
             value = b64url_decode(request["value"])
         except (ValueError, KeyError, TypeError):
-            return 400, _vault_error("BadParameter", "The request body is not valid."), {}
+            return _vault_error(400, "BadParameter", "The request body is not valid.")
         if algorithm != ALGORITHM:
-            return 400, _vault_error("BadParameter", f"Algorithm {algorithm} is not supported."), {}
+            return _vault_error(400, "BadParameter", f"Algorithm {algorithm} is not supported.")
 
         if operation == "wrapkey":
             result = key.private_key.public_key().encrypt(value, _OAEP_SHA256)
@@ -406,22 +413,24 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 result = key.private_key.decrypt(value, _OAEP_SHA256)
             except ValueError:
-                return 400, _vault_error("BadParameter", "The parameter is incorrect."), {}
+                return _vault_error(400, "BadParameter", "The parameter is incorrect.")
         return 200, {"kid": standin.key_id(name, key.version), "value": b64url_encode(result)}, {}
 
 
-def _vault_error(code: str, message: str, inner: str | None = None) -> dict[str, object]:
+def _vault_error(status: int, code: str, message: str, inner: str | None = None) -> Reply:
+    """Return a Key Vault error: ``{"error": {"code", "message", "innererror"}}``."""
     error: dict[str, object] = {"code": code, "message": message}
     if inner is not None:
         error["innererror"] = {"code": inner}
-    return {"error": error}
+    return status, {"error": error}, {}
 
 
-def _key_not_found(name: str) -> dict[str, object]:
+def _key_not_found(name: str) -> Reply:
     return _vault_error(
-        "KeyNotFound", f"A key with (name/id) {name} was not found in this key vault."
+        404, "KeyNotFound", f"A key with (name/id) {name} was not found in this key vault."
     )
 
 
-def _oauth_error(error: str, description: str) -> dict[str, object]:
-    return {"error": error, "error_description": description, "error_codes": []}
+def _oauth_error(status: int, error: str, description: str) -> Reply:
+    """Return an OAuth 2.0 error of the identity platform: ``{"error", "error_description"}``."""
+    return status, {"error": error, "error_description": description}, {}

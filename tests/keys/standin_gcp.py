@@ -15,7 +15,7 @@ that Google documents for the REST API:
   name and returns `{"plaintext", "plaintextCrc32c", ...}`.
 
 Both KMS methods require `Authorization: Bearer TOKEN` with a token that this
-server issued and has not revoked, and answer errors with Google's JSON error
+server issued and has not revoked. Errors are replies with Google's JSON error
 body `{"error": {"code", "message", "status"}}`.
 
 A ciphertext is the key version number (4 bytes, big endian), a 12-byte nonce
@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -53,13 +54,13 @@ KMS_SCOPES = frozenset({
     "https://www.googleapis.com/auth/cloudkms",
     "https://www.googleapis.com/auth/cloud-platform",
 })
-# libmongocrypt 1.21 asks for "https://www.DOMAIN/auth/cloudkms" when the master
+# libmongocrypt 1.21 requests "https://www.DOMAIN/auth/cloudkms" when the master
 # key names an endpoint, where DOMAIN is the endpoint's host without its first
 # label: for 127.0.0.1 that is "0.0.1". The stand-in accepts that scope too.
 LIBMONGOCRYPT_ENDPOINT_SCOPE = "https://www.0.0.1/auth/cloudkms"
 TOKEN_LIFETIME_SECONDS = 3600
 # The JWT audiences accepted. Google's token endpoint requires its own URL,
-# which google-auth writes whatever the token_uri is. libmongocrypt 1.21 writes
+# which google-auth 2.63 writes whatever the token_uri is. libmongocrypt 1.21 writes
 # "https://HOST/token" for a custom token endpoint, HOST without the port.
 TOKEN_AUDIENCES = ("https://oauth2.googleapis.com/token", "https://127.0.0.1/token")
 # Google accepts assertions whose iat is at most this far in the future.
@@ -138,8 +139,7 @@ class GcpKmsStandIn:
 
     def start(self) -> None:
         """Listen on a free port of 127.0.0.1 and serve in a background thread."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", 0), _Handler)
         # The handshake runs in the request's own thread, on its first read.
         server.socket = self._tls_context.wrap_socket(
             server.socket, server_side=True, do_handshake_on_connect=False
@@ -201,7 +201,7 @@ class GcpKmsStandIn:
             return number
 
     def disable_key(self, name: str) -> None:
-        """Disable every version of a key, as `gcloud kms keys versions disable` does."""
+        """Disable every version of a key, as `gcloud kms keys versions disable` does for one."""
         with self._lock:
             for version in self._keys[name].versions.values():
                 version.enabled = False
@@ -353,10 +353,10 @@ class GcpKmsStandIn:
 
     def _split_version(self, name: str) -> tuple[str, int | None]:
         match = _CRYPTO_KEY.match(name)
-        rest = name[match.end():] if match else ""
         if match is None:
             raise _google_error(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT",
                                 f"Invalid resource name: {name}.")
+        rest = name[match.end():]
         if not rest:
             return name, None
         version = _VERSION_SUFFIX.fullmatch(rest)
@@ -384,7 +384,7 @@ def _base64_field(body: dict[str, object], name: str) -> bytes:
 
 
 def _check_crc32c(body: dict[str, object], name: str, data: bytes) -> None:
-    # The checksum fields are optional; int64 values are JSON strings in proto3 JSON.
+    # The checksum fields are optional. Their int64 values are strings in proto3 JSON.
     if name in body and str(body[name]) != str(crc32c.crc32c(data)):
         raise _google_error(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT",
                             f"The checksum in field {name} did not match the data.")
@@ -396,6 +396,17 @@ def _check_enabled(key_name: str, number: int, version: _KeyVersion) -> None:
             HTTPStatus.BAD_REQUEST, "FAILED_PRECONDITION",
             f"{key_name}/cryptoKeyVersions/{number} is not enabled, current state is: DISABLED.",
         )
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that rejects the test CA aborts the handshake, which tests
+        # provoke on purpose. Other errors are printed as socketserver does.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,6 +1,6 @@
 """Tests of the "aws" master-key provider against moto's KMS on 127.0.0.1 (see standin_aws).
 
-The environment of the module holds fake credentials only, and points
+The environment of the module contains fake credentials only, and points
 botocore's config and credentials files at paths that do not exist, so no
 test reads the user's AWS configuration or reaches AWS. Instance metadata
 (169.254.169.254) is switched off, and every client is given the stand-in's
@@ -307,10 +307,11 @@ def test_stopped_stand_in_unavailable(tls_files: TlsFiles) -> None:
     assert_no_secret(raised.value)
 
 
+@pytest.mark.timeout(30)
 def test_silent_endpoint_times_out(
     kms: KmsStandIn, key_arn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The server accepts the TCP connection but never answers the TLS handshake.
+    # The server accepts the TCP connection but never responds to the TLS handshake.
     monkeypatch.setattr(aws_module, "CONNECT_TIMEOUT_SECONDS", 0.5)
     monkeypatch.setattr(aws_module, "READ_TIMEOUT_SECONDS", 0.5)
     listener = socket.create_server(("127.0.0.1", 0))

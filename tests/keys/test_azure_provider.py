@@ -33,6 +33,8 @@ from proxy.policy import load_policy
 
 MATERIAL = bytes(range(96))
 KEY_NAME = "wrapping-key"
+# A vault name for tests that make no request.
+VAULT = "myvault.vault.azure.net"
 DISABLED_KEY_NAME = "disabled-key"
 KEY_VAULT_DB = "encryption"
 KEY_VAULT_COLLECTION = "__keyVault"
@@ -118,7 +120,9 @@ def test_master_key_document_as_libmongocrypt(standin: AzureStandin, tls_files: 
     document = azure_key.master_key_document()
 
     assert list(document) == ["provider", "keyVaultEndpoint", "keyName"]
-    assert document == {"provider": "azure", "keyVaultEndpoint": standin.endpoint, "keyName": KEY_NAME}
+    assert document == {
+        "provider": "azure", "keyVaultEndpoint": standin.endpoint, "keyName": KEY_NAME,
+    }
 
 
 def test_master_key_document_with_version(standin: AzureStandin, tls_files: TlsFiles) -> None:
@@ -138,13 +142,16 @@ def test_master_key_document_with_version(standin: AzureStandin, tls_files: TlsF
         ({"keyVaultEndpoint": "myvault.vault.azure.net/keys"}, "host or host:port"),
         ({"keyVaultEndpoint": "myvault.vault.azure.net:https"}, "invalid port"),
         ({"keyName": "a/b"}, "keyName"),
+        ({"keyName": "key?x=1"}, "keyName"),
         ({"keyName": ""}, "keyName"),
+        ({"keyName": "k" * 128}, "keyName"),
         ({"keyVersion": "v1/extra"}, "keyVersion"),
+        ({"keyVersion": ""}, "keyVersion"),
         ({"tls_ca_file": "/nonexistent/ca.pem"}, "tls_ca_file"),
     ],
 )
 def test_invalid_settings_rejected(settings: dict[str, str], problem: str) -> None:
-    base = {"keyVaultEndpoint": "myvault.vault.azure.net", "keyName": KEY_NAME}
+    base = {"keyVaultEndpoint": VAULT, "keyName": KEY_NAME}
 
     with pytest.raises(MasterKeyError) as excinfo:
         AzureProvider("corp", {**base, **settings})
@@ -156,19 +163,19 @@ def test_invalid_settings_rejected(settings: dict[str, str], problem: str) -> No
 @pytest.mark.parametrize(
     ("master_key", "expected"),
     [
-        ({"keyVaultEndpoint": "myvault.vault.azure.net", "keyName": KEY_NAME}, True),
+        ({"keyVaultEndpoint": VAULT, "keyName": KEY_NAME}, True),
         ({"keyVaultEndpoint": "MyVault.vault.azure.net:443", "keyName": KEY_NAME}, True),
         ({"keyVaultEndpoint": "https://myvault.vault.azure.net/", "keyName": KEY_NAME}, True),
-        ({"keyVaultEndpoint": "myvault.vault.azure.net", "keyName": KEY_NAME, "keyVersion": "x1"}, True),
+        ({"keyVaultEndpoint": VAULT, "keyName": KEY_NAME, "keyVersion": "x1"}, True),
         ({"keyVaultEndpoint": "other.vault.azure.net", "keyName": KEY_NAME}, False),
         ({"keyVaultEndpoint": "myvault.vault.azure.net:8443", "keyName": KEY_NAME}, False),
-        ({"keyVaultEndpoint": "myvault.vault.azure.net", "keyName": "other-key"}, False),
+        ({"keyVaultEndpoint": VAULT, "keyName": "other-key"}, False),
         ({"keyName": KEY_NAME}, False),
         ({"keyVaultEndpoint": "not a url", "keyName": KEY_NAME}, False),
     ],
 )
 def test_identifies(master_key: dict[str, str], expected: bool) -> None:
-    azure_key = AzureProvider("corp", {"keyVaultEndpoint": "myvault.vault.azure.net", "keyName": KEY_NAME})
+    azure_key = AzureProvider("corp", {"keyVaultEndpoint": VAULT, "keyName": KEY_NAME})
 
     assert azure_key.identifies({"provider": "azure", **master_key}) is expected
 
@@ -190,14 +197,17 @@ def test_round_trip_follows_challenge(standin: AzureStandin, tls_files: TlsFiles
     provider(standin, tls_files).wrap(MATERIAL)
 
     vault_requests = [request for request in standin.requests if request.path.startswith("/keys/")]
-    token_requests = [request for request in standin.requests if request.path.endswith("/oauth2/v2.0/token")]
+    token_requests = [
+        request for request in standin.requests if request.path.endswith("/oauth2/v2.0/token")
+    ]
 
     # The SDK's first request carries no token and gets the 401 challenge.
     assert vault_requests[0].status == 401
     assert not vault_requests[0].authorized
     assert token_requests
     assert all(request.authorized for request in vault_requests if request.status != 401)
-    assert standin.token_scopes[0] == "https://vault.azure.net/.default"
+    # The scope comes from the challenge's resource, not from the vault's address.
+    assert "https://vault.azure.net/.default" in standin.token_scopes
 
 
 def test_wrap_random_each_time(standin: AzureStandin, tls_files: TlsFiles) -> None:
@@ -253,7 +263,9 @@ def test_tampered_ciphertext_decryption_error(
         azure_key.unwrap(tampered, azure_key.master_key_document())
 
 
-def test_invalid_document_version_decryption_error(standin: AzureStandin, tls_files: TlsFiles) -> None:
+def test_invalid_document_version_decryption_error(
+    standin: AzureStandin, tls_files: TlsFiles
+) -> None:
     azure_key = provider(standin, tls_files)
     wrapped = azure_key.wrap(MATERIAL)
 
@@ -344,7 +356,7 @@ def test_unreachable_identity_platform_unavailable(
     standin: AzureStandin, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AZURE_AUTHORITY_HOST", f"https://127.0.0.1:{free_port()}")
-    # A vault the SDK has not met yet, so it asks for a new token.
+    # A vault the SDK has not seen yet, so it requests a new token.
     with AzureStandin(tls_files.server_context()) as other_vault:
         other_vault.create_key(KEY_NAME)
         monkeypatch.setenv("AZURE_TENANT_ID", other_vault.tenant_id)
@@ -457,7 +469,8 @@ async def test_proxy_key_used_by_driver(
     ciphertext = encrypt_value("diagnosis", key, Algorithm.RANDOM)
 
     assert client_encryption.decrypt(ciphertext) == "diagnosis"
-    driver_ciphertext = client_encryption.encrypt("diagnosis", RANDOM, key_id=Binary.from_uuid(key.id))
+    key_id = Binary.from_uuid(key.id)
+    driver_ciphertext = client_encryption.encrypt("diagnosis", RANDOM, key_id=key_id)
     assert decrypt_value(driver_ciphertext, key) == "diagnosis"
 
 

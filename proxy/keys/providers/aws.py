@@ -45,9 +45,10 @@ logger = logging.getLogger(__name__)
 
 AWS_PROVIDER = "aws"
 
-# A KMS that cannot be reached fails a request within about
-# MAX_ATTEMPTS * (CONNECT_TIMEOUT_SECONDS + READ_TIMEOUT_SECONDS) seconds plus
-# botocore's retry backoff (at most 2 seconds before the second attempt).
+# A KMS that cannot be reached or does not respond makes a request fail after
+# about MAX_ATTEMPTS * (CONNECT_TIMEOUT_SECONDS + READ_TIMEOUT_SECONDS) seconds
+# plus botocore's retry backoff (up to 1 second before the second attempt in
+# botocore 1.44).
 CONNECT_TIMEOUT_SECONDS = 3
 READ_TIMEOUT_SECONDS = 5
 # Attempts per request, the first one included, in botocore's "standard" retry
@@ -79,11 +80,11 @@ _CREDENTIALS_HINT = (
 class AwsProvider(MasterKeyProvider):
     """A symmetric encryption key of AWS KMS, reached through botocore.
 
-    Settings: ``region``, ``key`` (the KMS key's ARN), ``endpoint`` ("host" or
-    "host:port" of the KMS, reached over HTTPS; default botocore's endpoint
-    for the region) and ``tls_ca_file`` (the CA bundle that verifies the
-    endpoint; default botocore's bundle). One botocore client is made here and
-    shared by every call, from any thread.
+    Settings: ``region``, ``key`` (the KMS key's ARN), ``endpoint`` and
+    ``tls_ca_file``. The endpoint is "host" or "host:port", reached over HTTPS,
+    and defaults to botocore's endpoint for the region. The CA file verifies the
+    endpoint's certificate and defaults to botocore's bundle. One botocore
+    client is made here and shared by every call, from any thread.
     """
 
     kind = AWS_PROVIDER
@@ -103,7 +104,8 @@ class AwsProvider(MasterKeyProvider):
 
     def _create_client(self, ca_file: str | None) -> Any:
         config = Config(
-
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
             retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         )
         endpoint_url = f"https://{self.endpoint}" if self.endpoint is not None else None
@@ -208,7 +210,7 @@ def _error_code(exc: ClientError) -> str:
 
 
 def _describe(exc: BotoCoreError) -> str:
-    """Return the class name of a botocore error, and its message where it holds no secret."""
+    """Return the class name of a botocore error, and its message where that contains no secret."""
     if isinstance(exc, _MESSAGE_SHOWN):
         return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -35,12 +36,11 @@ from typing import Any, TypeVar
 
 from azure.core.exceptions import (
     AzureError,
-    ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.identity import EnvironmentCredential
+from azure.identity import CredentialUnavailableError, EnvironmentCredential
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
 from proxy.crypto import aead
@@ -64,9 +64,15 @@ READ_TIMEOUT_SECONDS = 5
 RETRY_TOTAL = 1
 RETRY_BACKOFF_SECONDS = 0.5
 
-# Key Vault answers unwrapKey with HTTP 400 and this code when the ciphertext
-# does not decrypt under the key.
+# Key Vault returns HTTP 400 with this error code from unwrapKey when the
+# ciphertext does not decrypt under the key.
+# NOTE: the tests check this against the local stand-in only, not a real vault.
 _CIPHERTEXT_REJECTED = "BadParameter"
+
+# Key Vault's rule for key names, and the character set of its key versions
+# (32 hexadecimal digits in practice). Both become parts of the request URL.
+_KEY_NAME = re.compile(r"[0-9A-Za-z-]{1,127}")
+_KEY_VERSION = re.compile(r"[0-9A-Za-z]{1,64}")
 
 _CREDENTIALS_HINT = (
     "; set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET "
@@ -74,7 +80,8 @@ _CREDENTIALS_HINT = (
 )
 _STATUS_HINTS = {
     401: "; check the service principal's credentials and tenant",
-    403: "; check that the key is enabled and that the identity may use wrapKey and unwrapKey on it",
+    403: "; check that the key is enabled and that the identity may use wrapKey and "
+         "unwrapKey on it",
     404: "; check keyVaultEndpoint, keyName and keyVersion",
 }
 
@@ -85,12 +92,13 @@ class AzureProvider(MasterKeyProvider):
     """An RSA key in Azure Key Vault, reached through azure-keyvault-keys.
 
     Settings: ``keyVaultEndpoint`` (the vault's "host[:port]" or https URL, as
-    in MongoDB's masterKey), ``keyName``, ``keyVersion`` (default: the newest
-    version when wrapping) and ``tls_ca_file`` (the CA bundle that verifies the
-    vault and the identity platform, as a driver's kms_tls_options["azure"]
-    does; default the certifi bundle of requests). One credential is made here
-    and shared by every call. A `CryptographyClient` is made per key version on
-    first use and shared from any thread.
+    in MongoDB's masterKey), ``keyName`` and ``keyVersion`` (default: the
+    newest version when wrapping). ``tls_ca_file`` is the CA bundle that
+    verifies both the vault and the identity platform, like a driver's
+    kms_tls_options["azure"]. Without it, requests' default CA bundle is used.
+    One credential is made here and shared by every call. A
+    `CryptographyClient` is made per key version on first use and shared by
+    all threads.
     """
 
     kind = AZURE_PROVIDER
@@ -100,11 +108,15 @@ class AzureProvider(MasterKeyProvider):
         self.key_vault_endpoint = _host_and_port(name, settings["keyVaultEndpoint"])
         self.key_name = settings["keyName"]
         self.key_version = settings.get("keyVersion")
-        if not self.key_name or "/" in self.key_name:
-            raise MasterKeyError(f"master key {name!r}: keyName {self.key_name!r} is not a key name")
-        if self.key_version is not None and (not self.key_version or "/" in self.key_version):
+        if not _KEY_NAME.fullmatch(self.key_name):
             raise MasterKeyError(
-                f"master key {name!r}: keyVersion {self.key_version!r} is not a key version"
+                f"master key {name!r}: keyName {self.key_name!r} is invalid. A Key Vault key "
+                "name has 1 to 127 letters, digits and dashes"
+            )
+        if self.key_version is not None and not _KEY_VERSION.fullmatch(self.key_version):
+            raise MasterKeyError(
+                f"master key {name!r}: keyVersion {self.key_version!r} is invalid. A Key Vault "
+                "key version has only letters and digits"
             )
         ca_file = settings.get("tls_ca_file")
         if ca_file is not None and not Path(ca_file).is_file():
@@ -168,7 +180,9 @@ class AzureProvider(MasterKeyProvider):
                 f"data key material must be {aead.KEY_SIZE} bytes, got {len(material)}"
             )
         client = self._client(self.key_version or "")
-        result = self._call("wrapKey", self.key_version, lambda: client.wrap_key(WRAP_ALGORITHM, material))
+        result = self._call(
+            "wrapKey", self.key_version, lambda: client.wrap_key(WRAP_ALGORITHM, material)
+        )
         return bytes(result.encrypted_key)
 
     def unwrap(self, wrapped: bytes, master_key_doc: Mapping[str, object]) -> bytes:
@@ -177,10 +191,14 @@ class AzureProvider(MasterKeyProvider):
         # NOTE: a key document without keyVersion no longer unwraps once the
         # key has a newer version than the one that wrapped it.
         version = master_key_doc.get("keyVersion")
-        if version is not None and (not isinstance(version, str) or not version or "/" in version):
+        if version is not None and not (
+            isinstance(version, str) and _KEY_VERSION.fullmatch(version)
+        ):
             raise DecryptionError()
         client = self._client(version or "")
-        result = self._call("unwrapKey", version, lambda: client.unwrap_key(WRAP_ALGORITHM, bytes(wrapped)))
+        result = self._call(
+            "unwrapKey", version, lambda: client.unwrap_key(WRAP_ALGORITHM, bytes(wrapped))
+        )
 
         material = bytes(result.key)
         # Another length means the ciphertext wraps something else than a data key.
@@ -226,13 +244,17 @@ class AzureProvider(MasterKeyProvider):
             reason = f"the request failed: {_first_line(exc.message)}"
             raise self._unavailable(operation, version, reason) from None
         except AzureError as exc:
-            raise self._unavailable(operation, version, f"{type(exc).__name__}: {_first_line(exc.message)}") from None
+            reason = f"{type(exc).__name__}: {_first_line(exc.message)}"
+            raise self._unavailable(operation, version, reason) from None
         except ValueError as exc:
-            # The SDK raises ValueError for a key outside its validity period
-            # and MSAL for an authority whose OpenID configuration is missing.
-            raise self._unavailable(operation, version, f"ValueError: {_first_line(str(exc))}") from None
+            # The SDK raises ValueError when the vault's 401 challenge names a
+            # resource outside the vault's domain, a sign of a wrong endpoint.
+            reason = f"ValueError: {_first_line(str(exc))}"
+            raise self._unavailable(operation, version, reason) from None
 
-    def _unavailable(self, operation: str, version: str | None, reason: str) -> MasterKeyUnavailable:
+    def _unavailable(
+        self, operation: str, version: str | None, reason: str
+    ) -> MasterKeyUnavailable:
         key = self.key_name if version is None else f"{self.key_name}/{version}"
         message = (
             f"master key {self.name!r} (azure, key {key} in vault {self.key_vault_endpoint}): "
@@ -249,8 +271,8 @@ def _describe_response_error(exc: HttpResponseError) -> str:
         # when no token could be obtained. Its message is the identity
         # platform's error description or the connection error.
         reason = f"no access token: {_first_line(exc.message)}"
-        if isinstance(exc, ClientAuthenticationError) and "not fully configured" in exc.message:
-            reason += _CREDENTIALS_HINT
+        if isinstance(exc, CredentialUnavailableError):
+            reason = reason.rstrip(".") + _CREDENTIALS_HINT
         return reason
     codes = _error_codes(exc)
     reason = f"HTTP {exc.status_code}"
@@ -286,8 +308,8 @@ def _host_and_port(name: str, endpoint: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "https":
         raise MasterKeyError(
-            f"master key {name!r}: keyVaultEndpoint {endpoint!r} must be reached over https; "
-            "give host, host:port or an https URL"
+            f"master key {name!r}: keyVaultEndpoint {endpoint!r} must be reached over https. "
+            "Give host, host:port or an https URL"
         )
     try:
         parts.port
@@ -298,7 +320,8 @@ def _host_and_port(name: str, endpoint: str) -> str:
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment \
             or parts.username is not None:
         raise MasterKeyError(
-            f"master key {name!r}: keyVaultEndpoint {endpoint!r} is not of the form host or host:port"
+            f"master key {name!r}: keyVaultEndpoint {endpoint!r} is not of the form "
+            "host or host:port"
         )
     if "." not in parts.hostname:
         raise MasterKeyError(

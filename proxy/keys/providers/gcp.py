@@ -19,7 +19,7 @@ have no setting for a CA bundle. Only the process-wide REQUESTS_CA_BUNDLE
 variable reaches them, and that would change the trust of every other library
 in the proxy that uses requests. Here `tls_ca_file` applies to this provider's
 requests only: to the KMS endpoint and to the OAuth 2.0 token endpoint, as
-pymongo applies kms_tls_options["gcp"] to both.
+pymongo (4.20) applies kms_tls_options["gcp"] to both.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ class GcpProvider(MasterKeyProvider):
 
     def __init__(self, name: str, settings: Mapping[str, str]) -> None:
         super().__init__(name, settings)
+        missing = [field for field in self.identity_fields if field not in settings]
+        if missing:
+            raise MasterKeyError(f"master key {name!r}: missing setting {', '.join(missing)}")
         for field in _IDENTIFIER_SETTINGS:
             value = settings.get(field)
             if value is not None and _IDENTIFIER.fullmatch(value) is None:
@@ -137,6 +140,8 @@ class GcpProvider(MasterKeyProvider):
             "plaintextCrc32c": str(crc32c.crc32c(material)),
         })
 
+        # Google's EncryptResponse reference tells clients to discard a reply whose
+        # verifiedPlaintextCrc32c is false when the request set plaintextCrc32c.
         if reply.get("verifiedPlaintextCrc32c") is not True:
             raise self._unavailable(
                 "encrypt reply did not confirm the plaintext checksum; the request may have "
@@ -163,7 +168,10 @@ class GcpProvider(MasterKeyProvider):
     # --- requests ----------------------------------------------------------
 
     def _call(self, method: str, resource: str, body: dict[str, str]) -> dict[str, Any]:
-        """Send one KMS method and return its JSON reply, or raise as the base class says."""
+        """Call one KMS method and return its JSON reply.
+
+        Raises MasterKeyUnavailable or DecryptionError as `MasterKeyProvider.unwrap` documents.
+        """
         url = f"https://{self.endpoint}/v1/{resource}:{method}"
         with self._lock:
             credentials = self._load_credentials()
@@ -193,9 +201,11 @@ class GcpProvider(MasterKeyProvider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
+            # The cause is dropped because its `request` attribute contains the
+            # Authorization header with the access token.
             raise self._unavailable(
                 f"{method} request to https://{self.endpoint} failed: {_connection_problem(exc)}"
-            ) from exc
+            ) from None
 
     def _load_credentials(self) -> Credentials:
         if self._credentials is None:
@@ -232,7 +242,7 @@ class GcpProvider(MasterKeyProvider):
 
     def _raise_for_error(self, response: requests.Response, method: str) -> None:
         status, message = _google_error(response)
-        # Cloud KMS answers 400 INVALID_ARGUMENT when a ciphertext was not made
+        # Cloud KMS returns 400 INVALID_ARGUMENT when a ciphertext was not made
         # by this key or was changed. Other 400s, such as FAILED_PRECONDITION
         # for a disabled key version, mean the key cannot be used right now.
         if method == "decrypt" and response.status_code == 400 and status == "INVALID_ARGUMENT":
@@ -292,10 +302,12 @@ def _first_argument(exc: BaseException) -> str:
 def _connection_problem(exc: BaseException) -> str:
     """Describe why a request got no reply, in place of requests' nested reprs."""
     for cause in _exception_chain(exc):
+        # urllib3 reports a TLS handshake that stalls as a read timeout, though
+        # the connect timeout bounds it, so neither message names a limit.
         if isinstance(cause, requests.exceptions.ConnectTimeout):
-            return f"connection timed out after {CONNECT_TIMEOUT_SECONDS:g} s"
+            return "timed out connecting"
         if isinstance(cause, requests.exceptions.ReadTimeout):
-            return f"no reply within {READ_TIMEOUT_SECONDS:g} s"
+            return "timed out waiting for a reply"
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed ({cause.verify_message})"
         if isinstance(cause, ssl.SSLError):
