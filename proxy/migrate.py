@@ -138,9 +138,12 @@ def plan_update(document: dict, scope: Scope,
     A concurrent change to any other field is kept. A nested protected
     path (`contact.phone`) is set and checked through its whole top-level
     field, which also works when the path crosses an array. Raises
-    CommandError when a value cannot be encrypted.
+    CommandError when a value cannot be encrypted, and KeyNotLoaded when the
+    ring lacks a key.
     """
     encrypted = copy.deepcopy(document)
+    if retired:
+        _decrypt_retired(encrypted, scope, retired)
     encrypt_document(encrypted, scope)
 
     condition = {"_id": document["_id"]}

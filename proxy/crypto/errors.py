@@ -34,7 +34,9 @@ class KeyNotLoaded(Exception):
     Either ``key_id`` is set (a ciphertext names this key), or ``class_name`` and
     ``alt_name`` are (a value of this data class must be encrypted with the key
     that has this alt name: the class key, or a data subject's key, whose alt name
-    shows a token, never the subject). The caller
+    shows a token, never the subject). ``create`` is False when the key is needed
+    only to compare (a filter): a key the vault lacks must then not be created,
+    and the caller marks the name absent instead (`KeyRing.mark_absent_name`). The caller
     loads the key from the key vault into the ring and retries.
     """
 
@@ -44,6 +46,7 @@ class KeyNotLoaded(Exception):
         key_id: uuid.UUID | None = None,
         class_name: str | None = None,
         alt_name: str | None = None,
+        create: bool = True,
     ) -> None:
         if key_id is not None:
             message = f"data key {key_id} is not loaded"
@@ -53,6 +56,7 @@ class KeyNotLoaded(Exception):
         self.key_id = key_id
         self.class_name = class_name
         self.alt_name = alt_name
+        self.create = create
 
 
 class KeyNotFound(LookupError):

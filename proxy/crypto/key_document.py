@@ -138,11 +138,11 @@ def wrapped_key_from_document(doc: Mapping[str, object]) -> WrappedKey:
     return WrappedKey(key_id, alt_names, bytes(wrapped), master_key_doc)
 
 
-def unwrap_failed(key_id: uuid.UUID, master_key_name: str) -> KeyDocumentError:
-    """The error for key material that the master key named by its document cannot unwrap."""
+def unwrap_failed(key_id: uuid.UUID, master_key_names: str) -> KeyDocumentError:
+    """The error for key material that the master keys its document names cannot unwrap."""
     return KeyDocumentError(
         f"key document {key_id}: keyMaterial cannot be unwrapped with master key "
-        f"{master_key_name!r} (wrong master key, or the document was changed)",
+        f"{master_key_names} (wrong master key, or the document was changed)",
         key_id,
     )
 
@@ -166,7 +166,7 @@ def data_key_from_document(
     try:
         material = master_key.unwrap(wrapped.key_material)
     except DecryptionError:
-        raise unwrap_failed(wrapped.id, LOCAL_PROVIDER) from None
+        raise unwrap_failed(wrapped.id, repr(LOCAL_PROVIDER)) from None
     return DataKey(wrapped.id, material, wrapped.alt_names)
 
 

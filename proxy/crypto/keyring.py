@@ -14,6 +14,7 @@ counted apart from the keys.
 from __future__ import annotations
 
 import base64
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -29,6 +30,11 @@ from proxy.crypto.data_key import DataKey, class_alt_name, subject_alt_name
 from proxy.crypto.errors import DecryptionError, KeyNotFound, KeyNotLoaded
 
 PSEUDONYM_PREFIX = "pseu:"
+
+# Filters compare with a value encrypted under this key when a subject has no data key:
+# no stored ciphertext names key id 0, so the comparison matches no stored value, as it
+# should, and the key vault gains no key for a subject that was only looked up.
+_NOWHERE_KEY = DataKey(uuid.UUID(int=0), os.urandom(96), ())
 
 _PSEUDONYM_INFO = b"mongoveil pseudonym"
 _SUBJECT_INFO = b"mongoveil subject"
@@ -69,6 +75,8 @@ class KeyRing:
         # and the time it was added, `_missing` maps an id to the time it was marked.
         self._keys: OrderedDict[uuid.UUID, tuple[DataKey, float]] = OrderedDict()
         self._missing: OrderedDict[uuid.UUID, float] = OrderedDict()
+        # Current alt names the key vault has no active key for, with the time marked.
+        self._absent_names: OrderedDict[str, float] = OrderedDict()
         self._named_keys: dict[str, DataKey] = {}
         self._sub_keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
 
@@ -82,6 +90,8 @@ class KeyRing:
         """
         self._drop(key.id)
         self._missing.pop(key.id, None)
+        for name in key.current_names:
+            self._absent_names.pop(name, None)
         self._keys[key.id] = (key, self._clock())
         if class_key:
             for name in key.current_names:
@@ -103,6 +113,27 @@ class KeyRing:
 
         while self._max_keys is not None and len(self._missing) > self._max_keys:
             self._missing.popitem(last=False)
+
+    def mark_absent_name(self, alt_name: str) -> None:
+        """Record that the key vault has no active key with this current alt name.
+
+        Filters then compare with a value that matches nothing instead of asking the
+        key vault again; the mark expires and is evicted like a missing-key mark.
+        """
+        self._absent_names.pop(alt_name, None)
+        self._absent_names[alt_name] = self._clock()
+        while self._max_keys is not None and len(self._absent_names) > self._max_keys:
+            self._absent_names.popitem(last=False)
+
+    def is_absent_name(self, alt_name: str) -> bool:
+        """Tell whether `mark_absent_name` recorded this name within the time-to-live."""
+        marked_at = self._absent_names.get(alt_name)
+        if marked_at is None:
+            return False
+        if self._expired(marked_at):
+            del self._absent_names[alt_name]
+            return False
+        return True
 
     def is_missing(self, key_id: uuid.UUID) -> bool:
         """Tell whether the key vault was found to lack this key, within the time-to-live."""
@@ -148,18 +179,24 @@ class KeyRing:
         return encrypt_value(value, self._require_class_key(class_name), algorithm)
 
     def encrypt_for_subject(
-        self, value: object, class_name: str, subject: object, algorithm: Algorithm
+        self, value: object, class_name: str, subject: object, algorithm: Algorithm,
+        *, in_filter: bool = False,
     ) -> Binary:
         """Encrypt a value with the data key of one data subject of a class.
 
         Raises KeyNotLoaded(class_name=..., alt_name=...) when the class key (which
         derives the subject's alt name) or the subject's key is not loaded, and
-        EncryptionError when the value or the subject cannot be encoded.
+        EncryptionError when the value or the subject cannot be encoded. With
+        ``in_filter`` the value is only compared, so KeyNotLoaded says not to create
+        the key, and a subject whose name is marked absent gets a ciphertext that
+        equals no stored value.
         """
         alt_name = self.subject_alt_name(class_name, subject)
         key = self.for_name(alt_name)
         if key is None:
-            raise KeyNotLoaded(class_name=class_name, alt_name=alt_name)
+            if in_filter and self.is_absent_name(alt_name):
+                return encrypt_value(value, _NOWHERE_KEY, algorithm)
+            raise KeyNotLoaded(class_name=class_name, alt_name=alt_name, create=not in_filter)
         return encrypt_value(value, key, algorithm)
 
     def subject_alt_name(self, class_name: str, subject: object) -> str:

@@ -69,12 +69,20 @@ class MasterKeys:
             ) from None
 
     def for_document(self, master_key_doc: object) -> MasterKeyProvider | None:
-        """Return the configured master key that a key document's `masterKey` names, or None."""
+        """Return the first configured master key that a key document's `masterKey` names, or None."""
+        candidates = self.candidates(master_key_doc)
+        return candidates[0] if candidates else None
+
+    def candidates(self, master_key_doc: object) -> list[MasterKeyProvider]:
+        """Return every configured master key that a key document's `masterKey` may name.
+
+        Several "local" keys all write {provider: "local"}, so a document wrapped by
+        one of them names them all; the caller tries each. The active key comes first
+        because most documents are wrapped by it.
+        """
         if not isinstance(master_key_doc, Mapping):
-            return None
+            return []
         provider = master_key_doc.get("provider")
-        # The active key is asked first because most documents are wrapped by it.
-        for candidate in (self.active, *self.providers.values()):
-            if candidate.kind == provider and candidate.identifies(master_key_doc):
-                return candidate
-        return None
+        ordered = [self.active, *(p for p in self.providers.values() if p is not self.active)]
+        return [candidate for candidate in ordered
+                if candidate.kind == provider and candidate.identifies(master_key_doc)]

@@ -30,7 +30,6 @@ from proxy.crypto.errors import DecryptionError, KeyDocumentError
 from proxy.crypto.key_document import (
     STATUS_DISABLED,
     KeyInfo,
-    WrappedKey,
     key_info_from_document,
     new_key_document,
     unwrap_failed,
@@ -77,25 +76,30 @@ class KeyVault:
         Raises KeyDocumentError when the document breaks the schema, names a master
         key the policy does not configure, or its material does not unwrap.
         """
-        wrapped = wrapped_key_from_document(doc)
-        provider = self.provider_for(wrapped)
-        try:
-            material = await call_provider(provider, provider.unwrap,
-                                           wrapped.key_material, wrapped.master_key)
-        except DecryptionError:
-            raise unwrap_failed(wrapped.id, provider.name) from None
-        return DataKey(wrapped.id, material, wrapped.alt_names)
+        key, _provider = await self.unwrap_with_provider(doc)
+        return key
 
-    def provider_for(self, wrapped: WrappedKey) -> MasterKeyProvider:
-        """Return the configured master key that wrapped this key, or raise KeyDocumentError."""
-        provider = self.master_keys.for_document(wrapped.master_key)
-        if provider is None:
+    async def unwrap_with_provider(
+        self, doc: Mapping[str, object]
+    ) -> tuple[DataKey, MasterKeyProvider]:
+        """Like `unwrap`, and also return the master key that unwrapped the document."""
+        wrapped = wrapped_key_from_document(doc)
+        candidates = self.master_keys.candidates(wrapped.master_key)
+        if not candidates:
             raise KeyDocumentError(
                 f"key document {wrapped.id}: wrapped by a {wrapped.provider} master key that "
                 "the policy's keys.master_keys does not configure",
                 wrapped.id,
             )
-        return provider
+
+        for provider in candidates:
+            try:
+                material = await call_provider(provider, provider.unwrap,
+                                               wrapped.key_material, wrapped.master_key)
+            except DecryptionError:
+                continue
+            return DataKey(wrapped.id, material, wrapped.alt_names), provider
+        raise unwrap_failed(wrapped.id, ", ".join(repr(provider.name) for provider in candidates))
 
     async def new_key_document(
         self, alt_names: list[str], *, material: bytes | None = None
@@ -278,11 +282,12 @@ class KeyVault:
         results = []
         async for doc in self._collection.find({}):
             wrapped = wrapped_key_from_document(doc)
-            provider = self.master_keys.for_document(wrapped.master_key)
-            if provider is None or provider is target:
+            if not self.master_keys.candidates(wrapped.master_key):
+                continue
+            key, provider = await self.unwrap_with_provider(doc)
+            if provider is target:
                 continue
 
-            key = await self.unwrap(doc)
             new_material = await call_provider(target, target.wrap, key.material)
             check = await call_provider(target, target.unwrap, new_material,
                                         target.master_key_document())

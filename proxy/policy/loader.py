@@ -172,7 +172,9 @@ class _PolicyParser(MasterKeysParser):
             if "key_per" in options:
                 field_where = child_path(where, "key_per")
                 subject_field = self.string(options["key_per"], field_where)
-                problem = field_path_problem(subject_field)
+                # _id cannot be protected, which is what field_path_problem rejects it
+                # for, but it is the most natural subject: one key per document.
+                problem = None if subject_field == "_id" else field_path_problem(subject_field)
                 if problem is not None:
                     self.fail(field_where, problem)
                 key_per[name] = subject_field

@@ -170,7 +170,7 @@ def _rewrite_insert(operation: dict, scope: Scope) -> None:
 def _rewrite_update(operation: dict, scope: Scope) -> None:
     # updateMods is an update's `u`: operators, a replacement or a pipeline.
     statement_scope = write_scope(scope, operation.get("filter"), operation.get("updateMods"))
-    _rewrite_filter(operation, statement_scope)
+    _rewrite_filter(operation, scope)
     if "updateMods" in operation:
         operation["updateMods"] = rewrite_update(operation["updateMods"], statement_scope)
     check_array_filters(operation.get("arrayFilters"), operation.get("updateMods"), scope)

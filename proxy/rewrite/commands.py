@@ -30,7 +30,7 @@ def rewrite_update_command(body: dict, sequences: list[DocumentSequence], scope:
     """Rewrite the filter and update of every update statement and check its arrayFilters and sort."""
     for statement in _statements(body, sequences, "updates", scope):
         statement_scope = write_scope(scope, statement.get("q"), statement.get("u"))
-        _rewrite_filter_option(statement, "q", statement_scope)
+        _rewrite_filter_option(statement, "q", scope)
         if "u" in statement:
             statement["u"] = rewrite_update(statement["u"], statement_scope)
         check_array_filters(statement.get("arrayFilters"), statement.get("u"), scope)
@@ -90,7 +90,7 @@ def rewrite_distinct(body: dict, sequences: list[DocumentSequence], scope: Scope
 def rewrite_find_and_modify(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:
     """Rewrite the query and update of a findAndModify and check its sort and fields."""
     statement_scope = write_scope(scope, body.get("query"), body.get("update"))
-    _rewrite_filter_option(body, "query", statement_scope)
+    _rewrite_filter_option(body, "query", scope)
     _check_key_option(body, "sort", scope)
     if "update" in body and body["update"] is not None:
         body["update"] = rewrite_update(body["update"], statement_scope)

@@ -43,12 +43,15 @@ def encrypt_field_value(value: object, rule: FieldRule, scope: Scope, path: str)
         raise _unsupported_type_error(value, rule, scope, path) from exc
 
 
-def encrypt_with_rule(value: object, rule: FieldRule, scope: Scope, path: str) -> object:
+def encrypt_with_rule(value: object, rule: FieldRule, scope: Scope, path: str,
+                      *, in_filter: bool = False) -> object:
     """Encrypt a value with the key its rule's class uses for the scope's statement.
 
     A class with one key per data subject uses the subject's key, and a statement
-    without a subject is rejected (CommandError). Raises KeyNotLoaded when the key
-    is not in the ring and EncryptionError when the value cannot be encrypted.
+    without a subject is rejected (CommandError). ``in_filter`` marks a value that
+    is only compared, whose subject key must not be created (see
+    `KeyRing.encrypt_for_subject`). Raises KeyNotLoaded when the key is not in the
+    ring and EncryptionError when the value cannot be encrypted.
     """
     algorithm = algorithm_of(rule)
     subject_field = scope.policy.key_per.get(rule.class_name)
@@ -58,7 +61,8 @@ def encrypt_with_rule(value: object, rule: FieldRule, scope: Scope, path: str) -
     subject = scope.subject(subject_field)
     if subject is NO_SUBJECT:
         raise missing_subject_error(rule.class_name, path, scope)
-    return scope.keys.encrypt_for_subject(value, rule.class_name, subject, algorithm)
+    return scope.keys.encrypt_for_subject(value, rule.class_name, subject, algorithm,
+                                          in_filter=in_filter)
 
 
 def encrypt_document(document: dict, scope: Scope) -> None:

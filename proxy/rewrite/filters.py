@@ -202,7 +202,7 @@ def _equality_value(value: object, operator: str, path: str, rule: FieldRule, sc
         return value
 
     try:
-        return encrypt_with_rule(value, rule, scope, path)
+        return encrypt_with_rule(value, rule, scope, path, in_filter=True)
     except EncryptionError as exc:
         raise bad_value(
             f"cannot compare encrypted field '{path}' in {scope.namespace} with a value of "

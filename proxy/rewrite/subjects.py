@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .context import NO_SUBJECT, Scope
 from .errors import CommandError, bad_value
+from .values import is_regex
 
 
 def subject_in_document(document: dict, field: str) -> object:
@@ -33,13 +34,14 @@ def subject_in_filter(filter_doc: dict, field: str) -> object:
     """Return the value a filter's top level requires `field` to equal, or NO_SUBJECT.
 
     `{field: V}`, `{field: {$eq: V}}` and the same inside a top-level `$and` count.
-    Anything else (`$in`, `$or`, a comparison) names no single subject.
+    Anything else (`$in`, `$or`, a comparison) names no single subject, and neither
+    does a regular expression, which `{field: /re/}` matches as a pattern.
     """
     predicate = filter_doc.get(field, NO_SUBJECT)
     if type(predicate) is dict and list(predicate) == ["$eq"]:
         predicate = predicate["$eq"]
     if predicate is not NO_SUBJECT and not _is_operator_document(predicate) \
-            and predicate is not None and type(predicate) is not list:
+            and predicate is not None and type(predicate) is not list and not is_regex(predicate):
         return predicate
 
     clauses = filter_doc.get("$and")
@@ -53,13 +55,24 @@ def subject_in_filter(filter_doc: dict, field: str) -> object:
 
 
 def subject_in_update(update: dict, field: str) -> object:
-    """Return the subject that an update's `$set` or `$setOnInsert` gives `field`, or NO_SUBJECT."""
+    """Return the subject that an update's `$set` or `$setOnInsert` gives `field`, or NO_SUBJECT.
+
+    A dotted `field` also gets its value from a document set at a parent path:
+    `$set: {patient: {id: V}}` sets `patient.id` to V.
+    """
     for operator in ("$set", "$setOnInsert"):
         fields = update.get(operator)
-        if type(fields) is dict and field in fields:
-            value = fields[field]
-            if value is not None and type(value) is not list:
-                return value
+        if type(fields) is not dict:
+            continue
+        for path, value in fields.items():
+            if path == field:
+                subject = NO_SUBJECT if value is None or type(value) is list else value
+            elif field.startswith(path + "."):
+                subject = subject_in_document(value, field[len(path) + 1:])
+            else:
+                continue
+            if subject is not NO_SUBJECT:
+                return subject
     return NO_SUBJECT
 
 
@@ -91,10 +104,12 @@ def _is_operator_document(value: object) -> bool:
 
 
 def write_scope(scope: Scope, filter_doc: object, update: object) -> Scope:
-    """Return the scope of an update statement: the subject comes from its filter or its update.
+    """Return the scope for the update part of a statement: its subject, else the filter's.
 
     A subject that the update sets wins over the filter's, because the values the
-    update writes belong to the document's new subject.
+    update writes belong to the document's new subject. The filter itself is
+    rewritten with its own subject only (`rewrite_filter`), since it selects
+    documents as they are stored now.
     """
     for field in subject_fields(scope):
         if type(filter_doc) is dict:

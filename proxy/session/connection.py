@@ -495,7 +495,7 @@ class ClientSession:
         """Load the key a write needs; raise CommandError naming the key and the cause when it fails."""
         class_name = missing.class_name
         try:
-            await self.state.keys.ensure_named_key(missing.alt_name)
+            await self.state.keys.ensure_named_key(missing.alt_name, create=missing.create)
         except Exception as error:      # any key failure: reject, never write in clear
             log.error("conn %d from %s: cannot load the data key of class %s: %s: %s",
                       self.id, self.peer, class_name, type(error).__name__, error)

@@ -61,17 +61,24 @@ class KeyService:
         """Load the data key of `class_name`, creating it in the key vault when missing."""
         await self.ensure_named_key(class_alt_name(class_name))
 
-    async def ensure_named_key(self, alt_name: str) -> None:
+    async def ensure_named_key(self, alt_name: str, *, create: bool = True) -> None:
         """Load the key with a current alt name (a class's or a subject's), creating it if missing.
 
-        Raises NoActiveKey when a disabled key holds the name, and lets key-vault
-        and master-key errors propagate.
+        With ``create`` False (a filter needs the key only to compare), a key the
+        vault lacks is not created: the name is marked absent in the ring instead.
+        Raises NoActiveKey when a disabled key holds the name and ``create`` is True,
+        and lets key-vault and master-key errors propagate.
         """
         async with self._lock_for("name", alt_name):
             if self.ring.for_name(alt_name) is not None:
                 return
+            if not create and self.ring.is_absent_name(alt_name):
+                return
 
-            key = await self.vault.load_named_key(alt_name, create=True)
+            key = await self.vault.load_named_key(alt_name, create=create)
+            if key is None and not create:
+                self.ring.mark_absent_name(alt_name)
+                return
             if key is None:
                 class_name = class_of_alt_name(alt_name)
                 raise NoActiveKey(
