@@ -13,8 +13,11 @@ import base64
 import copy
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -181,6 +184,62 @@ def test_migrate_after_rotation_is_idempotent(
 
     assert f"encrypted 0, already encrypted {PATIENT_COUNT}" in again
     assert list(collection.find(sort=[("_id", 1)])) == stored
+
+
+def test_reencryption_resumes_after_sigkill(
+        secantus_uri, client, policy_path, namespace, collection):
+    """Killed while re-encrypting, a second migrate finishes: every value under the new key, once."""
+    originals = [dict(patient, _id=f"{patient['_id']}-{copy_index}")
+                 for copy_index in range(2) for patient in _patients(1000)]
+    collection.insert_many(copy.deepcopy(originals))
+    _ok(_cli(secantus_uri, "migrate", "--policy", str(policy_path), "--namespace", namespace))
+    _ok(_cli(secantus_uri, "keys", "rotate", "--policy", str(policy_path),
+             "--class", "identity", "--yes"))
+    vault = _vault_collection(client, policy_path)
+    new_key = vault.find_one({"keyAltNames": "mongoveil:identity"})["_id"]
+    environment = dict(os.environ, MONGOVEIL_UPSTREAM=secantus_uri)
+    command = [sys.executable, "-m", "proxy.cli", "--log-level", "WARNING", "migrate",
+               "--policy", str(policy_path), "--namespace", namespace, "--batch-size", "10"]
+
+    process = subprocess.Popen(command, env=environment, cwd=REPOSITORY,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        done = _wait_for_some_under(collection, new_key, process, total=len(originals))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finished = _ok(_cli(secantus_uri, "migrate", "--policy", str(policy_path),
+                        "--namespace", namespace))
+
+    assert 0 < done < len(originals)
+    second_run = int(re.search(r"re-encrypted from retired keys (\d+)", finished).group(1))
+    assert 0 < second_run <= len(originals) - done
+    assert collection.count_documents({}) == len(originals)
+    identity_paths = [path for path, rule in
+                      load_policy(policy_path).collection(namespace).fields.items()
+                      if rule.class_name == "identity"]
+    for doc in collection.find():
+        for path in identity_paths:
+            if doc.get(path) is not None:
+                assert ciphertext_key_id(doc[path]) == new_key, path
+    paths = load_policy(policy_path).collection(namespace).protected_paths
+    _assert_readable(collection, originals, _ring_from_vault(secantus_uri, policy_path), paths)
+
+
+def _wait_for_some_under(collection: Collection, key_id: uuid.UUID,
+                         process: subprocess.Popen, total: int) -> int:
+    """Poll until some but not all ssn values name `key_id`; return how many do."""
+    def count() -> int:
+        return sum(1 for doc in collection.find({}, {"ssn": 1})
+                   if ciphertext_key_id(doc.get("ssn")) == key_id)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        done = count()
+        if 0 < done < total:
+            return done
+        time.sleep(0.02)
+    return count()
 
 
 def test_rotate_replaces_a_disabled_key(secantus_uri, client, policy_path):
@@ -480,3 +539,34 @@ def test_shred_output_has_no_key_material(secantus_uri, client, shred_policy, na
     for material in materials:
         assert base64.b64encode(material).decode() not in output
         assert material.hex() not in output
+
+
+# -- init and list with a remote master key ---------------------------------------------------
+
+
+def test_init_and_list_with_vault_master_key(secantus_uri, client, policy_path, transit):
+    _two_master_keys(policy_path, active="transit")
+    _only_master_key(policy_path, "transit")
+
+    init = _ok(_cli(secantus_uri, "keys", "init", "--policy", str(policy_path)))
+    rows = [json.loads(line) for line in _ok(_cli(
+        secantus_uri, "keys", "list", "--policy", str(policy_path), "--json")).splitlines()]
+
+    assert "master key 'transit': held by its vault provider" in init
+    assert sorted((row["class"], row["provider"]) for row in rows) == [
+        ("clinical", "vault"), ("identity", "vault")]
+    for doc in _vault_collection(client, policy_path).find():
+        assert bytes(doc["keyMaterial"]).startswith(b"vault:v1:")
+    assert VAULT_TOKEN not in init
+
+
+def test_init_with_unreachable_vault_fails_cleanly(secantus_uri, client, policy_path, transit):
+    _two_master_keys(policy_path, active="transit")
+    transit.seal()
+
+    result = _cli(secantus_uri, "keys", "init", "--policy", str(policy_path))
+
+    assert result.returncode == 2
+    assert "master key 'transit' (vault" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _vault_collection(client, policy_path).count_documents({}) == 0
