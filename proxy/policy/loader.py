@@ -12,8 +12,9 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
+from .access import RESERVED_ROLE_KEYS, AccessParser, BreakGlass, RowRule
 from .master_keys import MasterKeysParser
-from .model import CollectionPolicy, MasterKeyConfig, FieldRule, IdentityRule, KeyCacheSettings, Policy, View
+from .model import AuditSettings, CollectionPolicy, MasterKeyConfig, FieldRule, IdentityRule, KeyCacheSettings, Policy, View
 from .names import (
     field_path_problem,
     identifier_problem,
@@ -53,7 +54,7 @@ def parse_policy(data: object, source: Path) -> Policy:
     return _PolicyParser(Path(source)).parse(data)
 
 
-class _PolicyParser(MasterKeysParser):
+class _PolicyParser(MasterKeysParser, AccessParser):
     """Policy validation with one method per section, each returning that section's model objects."""
 
     def parse(self, data: object) -> Policy:
@@ -74,10 +75,10 @@ class _PolicyParser(MasterKeysParser):
         keep_last = self.parse_views(top.get("views"))
         collections = self.parse_collections(top.get("collections"), classes, key_vault)
         self.check_subject_fields(key_per, collections)
-        roles = self.parse_roles(top.get("roles"), classes)
+        roles, row_rules, break_glass = self.parse_roles(top.get("roles"), classes)
         identity = self.parse_identity(top.get("identity"), roles)
         default_role = self.parse_default_role(top.get("default_role"), roles)
-        audit_file = self.parse_audit(top.get("audit"))
+        audit = self.parse_audit(top.get("audit"))
 
         return Policy(
             source=self.source,
@@ -93,7 +94,9 @@ class _PolicyParser(MasterKeysParser):
             key_cache=key_cache,
             on_key_error=View(on_key_error),
             key_per=key_per,
-            audit_file=audit_file,
+            audit=audit,
+            row_rules=row_rules,
+            break_glass=break_glass,
         )
 
     def parse_keys(self, value: object) -> tuple[tuple[MasterKeyConfig, ...], str, str]:
@@ -108,13 +111,23 @@ class _PolicyParser(MasterKeysParser):
             self.fail("keys.key_vault", problem)
         return master_keys, master_key, key_vault
 
-    def parse_audit(self, value: object) -> Path | None:
-        """Return the absolute path of the audit file, or None when the policy sets none."""
+    def parse_audit(self, value: object) -> AuditSettings:
+        """Return where audit records go; an absent section writes none."""
         audit = self.optional_mapping(value, "audit")
-        self.check_keys(audit, "audit", ("file",))
-        if "file" not in audit:
-            return None
-        return self.resolve(self.string(audit["file"], "audit.file"))
+        self.check_keys(audit, "audit", ("file", "collection", "on_failure"))
+
+        file = None
+        if "file" in audit:
+            file = self.resolve(self.string(audit["file"], "audit.file"))
+        collection = None
+        if "collection" in audit:
+            collection = self.string(audit["collection"], "audit.collection")
+            problem = namespace_problem(collection)
+            if problem is not None:
+                self.fail("audit.collection", problem)
+        on_failure = self.choice(audit.get("on_failure", "continue"), "audit.on_failure",
+                                 ("continue", "reject"), "setting")
+        return AuditSettings(file=file, collection=collection, on_failure=on_failure)
 
     def parse_key_cache(self, value: object, classes: tuple[str, ...]) -> KeyCacheSettings:
         """Return the limits of the data key cache, checked against the declared classes."""
@@ -185,6 +198,8 @@ class _PolicyParser(MasterKeysParser):
         problem = identifier_problem(name)
         if problem is not None:
             self.fail(where, problem)
+        if name in RESERVED_ROLE_KEYS:
+            self.fail(where, f"{name!r} is reserved for role entries; choose another class name")
         return name
 
     def check_subject_fields(
@@ -281,17 +296,28 @@ class _PolicyParser(MasterKeysParser):
                         "or only the fields inside it, not both",
                     )
 
-    def parse_roles(self, value: object, classes: tuple[str, ...]) -> dict[str, dict[str, View]]:
+    def parse_roles(
+        self, value: object, classes: tuple[str, ...]
+    ) -> tuple[dict[str, dict[str, View]], dict[str, RowRule], dict[str, BreakGlass]]:
+        """Return each role's views, and the row rules and break-glass grants of those that have them."""
         roles = self.optional_mapping(value, "roles")
 
         result: dict[str, dict[str, View]] = {}
+        row_rules: dict[str, RowRule] = {}
+        break_glass: dict[str, BreakGlass] = {}
         for role_name, entry in roles.items():
             where = child_path("roles", role_name)
             problem = identifier_problem(role_name)
             if problem is not None:
                 self.fail(where, problem)
+            entry = dict(self.mapping(entry, where))
+            if "rows" in entry:
+                row_rules[role_name] = self.parse_rows(entry.pop("rows"), child_path(where, "rows"))
+            if "break_glass" in entry:
+                break_glass[role_name] = self.parse_break_glass(
+                    entry.pop("break_glass"), child_path(where, "break_glass"), classes, VIEW_NAMES)
             result[role_name] = self.parse_role(where, entry, classes)
-        return result
+        return result, row_rules, break_glass
 
     def parse_role(self, where: str, value: object, classes: tuple[str, ...]) -> dict[str, View]:
         entry = self.mapping(value, where)
@@ -309,7 +335,7 @@ class _PolicyParser(MasterKeysParser):
             views[class_name] = View(self.choice(view_name, class_where, VIEW_NAMES, "view"))
         return views
 
-    def parse_identity(self, value: object, roles: dict[str, dict[str, View]]) -> tuple[IdentityRule, ...]:
+    def parse_identity(self, value: object, roles: dict) -> tuple[IdentityRule, ...]:
         items = [] if value is None else self.sequence(value, "identity")
         return tuple(
             self.parse_identity_rule(item_path("identity", index), item, roles)

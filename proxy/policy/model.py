@@ -10,6 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .access import BreakGlass, RowRule
 
 
 class View(StrEnum):
@@ -20,6 +24,7 @@ class View(StrEnum):
     PSEUDONYM = "pseudonym"    # a stable keyed token, equal for equal values
     CIPHERTEXT = "ciphertext"  # the BinData subtype 6 value as stored
     REDACT = "redact"          # the field is removed
+    DENY = "deny"              # removed, and any command that uses the field is refused
 
 
 # Most revealing first. A user with several roles gets, per class, the view that comes
@@ -30,6 +35,7 @@ REVEAL_ORDER: tuple[View, ...] = (
     View.PSEUDONYM,
     View.CIPHERTEXT,
     View.REDACT,
+    View.DENY,
 )
 
 
@@ -131,14 +137,33 @@ class MasterKeyConfig:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Where audit records go (`audit` in the policy), and what a failing sink does.
+
+    `file` is an absolute JSON-lines path, `collection` a "db.coll" namespace on the
+    upstream server; either may be None. `on_failure` is "continue" (log, count and
+    serve) or "reject" (refuse commands on protected namespaces while a sink fails).
+    """
+
+    file: Path | None = None
+    collection: str | None = None
+    on_failure: str = "continue"
+
+    @property
+    def enabled(self) -> bool:
+        return self.file is not None or self.collection is not None
+
+
+@dataclass(frozen=True)
 class Policy:
     """A whole validated policy file.
 
     `source` is the policy file as given to the loader. `master_keys` are the configured
     master keys and `master_key` names the one that wraps new data keys; the others
     only unwrap existing keys. `key_per` maps a class with one data key per data subject
-    to the field that names the subject. `audit_file` is the JSON-lines audit log, or
-    None. `roles` maps each policy role to the views it
+    to the field that names the subject. `audit` says where audit records go.
+    `row_rules` and `break_glass` hold, by role name, the documents a role may use and
+    the emergency views it may grant itself (see `access`). `roles` maps each policy role to the views it
     names, and a class that a role does not name is REDACT for that role. `default_role`
     is given to connections that no identity rule matches. `on_key_error` is CIPHERTEXT
     or REDACT: what a reply carries in place of a value whose data key cannot be loaded
@@ -158,7 +183,14 @@ class Policy:
     key_cache: KeyCacheSettings = KeyCacheSettings()
     on_key_error: View = View.CIPHERTEXT
     key_per: Mapping[str, str] = field(default_factory=dict)
-    audit_file: Path | None = None
+    audit: AuditSettings = AuditSettings()
+    row_rules: Mapping[str, RowRule] = field(default_factory=dict)
+    break_glass: Mapping[str, BreakGlass] = field(default_factory=dict)
+
+    @property
+    def audit_file(self) -> Path | None:
+        """The JSON-lines audit file, or None."""
+        return self.audit.file
 
     @property
     def active_master_key(self) -> MasterKeyConfig:

@@ -104,7 +104,7 @@ class _Revealer:
         class_name, view = self._view_for(key_id, ciphertext)
         if view is None or view is View.CIPHERTEXT:
             return ciphertext
-        if view is View.REDACT:
+        if view is View.REDACT or view is View.DENY:
             return _REMOVE
 
         try:

@@ -374,7 +374,7 @@ REJECTED = [
     ("role_unknown_class", _set(("roles", "doctor", "finance"), "clear"), "roles.doctor.finance", "unknown class 'finance'"),
     ("role_unknown_view", _set(("roles", "billing", "clinical"), "hide"), "roles.billing.clinical",
      "allowed: clear, mask, pseudonym, ciphertext, redact"),
-    ("role_deny_view", _set(("roles", "billing", "clinical"), "deny"), "roles.billing.clinical", "unknown view 'deny'"),
+    ("role_unknown_view", _set(("roles", "billing", "clinical"), "hidden"), "roles.billing.clinical", "unknown view 'hidden'"),
     ("role_upper_view", _set(("roles", "billing", "clinical"), "CLEAR"), "roles.billing.clinical", "unknown view"),
     ("role_view_not_string", _set(("roles", "billing", "clinical"), False), "roles.billing.clinical", "expected a view name"),
     # identity

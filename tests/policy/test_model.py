@@ -56,7 +56,8 @@ def make_policy(default_role: str | None = None) -> Policy:
 # --- View and reveal order ------------------------------------------------------------
 
 def test_view_values_lower_case():
-    assert [view.value for view in View] == ["clear", "mask", "pseudonym", "ciphertext", "redact"]
+    assert [view.value for view in View] == [
+        "clear", "mask", "pseudonym", "ciphertext", "redact", "deny"]
 
 
 def test_view_is_str():
@@ -68,7 +69,8 @@ def test_view_formats_as_value():
 
 
 def test_reveal_order():
-    assert REVEAL_ORDER == (View.CLEAR, View.MASK, View.PSEUDONYM, View.CIPHERTEXT, View.REDACT)
+    assert REVEAL_ORDER == (
+        View.CLEAR, View.MASK, View.PSEUDONYM, View.CIPHERTEXT, View.REDACT, View.DENY)
 
 
 @pytest.mark.parametrize("position", range(len(REVEAL_ORDER)))
