@@ -32,6 +32,16 @@ def _add_key_vault_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the MONGOVEIL_UPSTREAM environment variable)")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def _add_yes_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true",
                         help="do not ask for confirmation (required without a terminal)")
@@ -61,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise", default=None,
                        help="HOST:PORT that `hello` replies name as the server (default: the "
                             "address each client connected to)")
+    serve.add_argument("--policy-poll", type=_positive_seconds, default=2.0, metavar="SECONDS",
+                       help="how often to check the policy file for changes and reload it "
+                            "(seconds, default: 2); SIGHUP reloads at once")
     serve.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS),
                        help="compressors offered to clients, in order of preference, or "
                             f"'disabled' (default: {','.join(DEFAULT_COMPRESSORS)})")
@@ -159,6 +172,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         policy_path=args.policy,
         advertise=args.advertise,
         compressors=parse_compressors(args.compressors),
+        policy_poll_seconds=args.policy_poll,
     )
     try:
         asyncio.run(serve(config))

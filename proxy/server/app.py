@@ -16,10 +16,11 @@ from proxy.keys.vault import KeyVault
 from proxy.crypto.keyring import KeyRing
 from proxy.keys.master_keys import MasterKeys
 from proxy.policy import Policy, load_policy
+from proxy.server.reload import DEFAULT_POLL_SECONDS, PolicyReloader
 from proxy.server.topology import SuspectServers, UpstreamRoute, upstream_route
 from proxy.server.upstream import Upstream, parse_upstream
 from proxy.session.compression import DEFAULT_COMPRESSORS
-from proxy.session.connection import ClientSession, ProxyState
+from proxy.session.connection import ClientSession, ProxyState, SharedState
 from proxy.session.keys import KeyService
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ServeConfig:
     policy_path: Path
     advertise: str | None = None     # host:port given to clients in `hello`; default: the address they dialled
     compressors: tuple[str, ...] = DEFAULT_COMPRESSORS   # offered to clients, in order of preference
+    policy_poll_seconds: float = DEFAULT_POLL_SECONDS    # how often the policy file is checked for changes
 
 
 def open_key_vault(policy: Policy, upstream_uri: str, *,
@@ -73,6 +75,9 @@ class ProxyServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.policy = load_policy(config.policy_path)
+        self.shared = SharedState(self.policy)
+        self.reloader = PolicyReloader(config.policy_path, self.policy, self.shared.replace_policy,
+                                       poll_seconds=config.policy_poll_seconds)
         self.upstream: Upstream = parse_upstream(config.upstream_uri)
         suspects = SuspectServers()
         self._mongo_client, vault = open_key_vault(self.policy, config.upstream_uri,
@@ -101,6 +106,7 @@ class ProxyServer:
         # Unprotected traffic is served at once; a command that needs a key
         # before the preload finished loads that key itself.
         self._preload = asyncio.create_task(self._preload_keys(), name="preload-data-keys")
+        self.reloader.start()
         log.info("mongoveil listening on %s:%d, upstream %s, policy %s",
                  self.config.listen_host, self.port, self.upstream.describe(),
                  self.config.policy_path)
@@ -126,6 +132,7 @@ class ProxyServer:
             self._server.close()
         if self._preload is not None:
             self._preload.cancel()
+        await self.reloader.close()
         # Closing the sockets ends each session's pump the normal way;
         # cancelling the handler tasks would make asyncio log tracebacks.
         tasks = list(self._sessions.values())
@@ -138,11 +145,12 @@ class ProxyServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state = ProxyState(
-            policy=self.policy,
+            policy=self.shared.policy,
             keys=self.keys,
             upstream=self.route,
             advertised_address=self.config.advertise or _dialled_address(writer),
             compressors=self.config.compressors,
+            shared=self.shared,
         )
         session = ClientSession(state, reader, writer)
         self._sessions[session] = asyncio.current_task()
@@ -167,6 +175,7 @@ async def serve(config: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reloader.reload, "SIGHUP")
 
     serving = asyncio.create_task(server.serve_forever(), name="listener")
     await stopping.wait()

@@ -45,6 +45,7 @@ import itertools
 import logging
 import traceback
 import uuid
+import datetime
 from dataclasses import dataclass
 
 from proxy.crypto.errors import KeyNotLoaded
@@ -80,6 +81,8 @@ from proxy.session.identity import (
     auth_finished,
     parse_connection_status,
 )
+from proxy.session.access import COMMAND_NAME as BREAK_GLASS_COMMAND
+from proxy.session.access import BreakGlassGrants, handle_break_glass, views_with_grant
 from proxy.session.keys import KeyService, key_unavailable_error
 from proxy.wire import (
     CHECKSUM_PRESENT,
@@ -161,15 +164,48 @@ class UpstreamNotPrimary(Exception):
     """The upstream server stopped being the primary; the message names the evidence."""
 
 
-@dataclass
-class ProxyState:
-    """The state shared by every connection of one proxy process."""
+class SharedState:
+    """What every connection of one proxy process shares and a reload or a grant changes.
 
-    policy: Policy
-    keys: KeyService
-    upstream: UpstreamRoute
-    advertised_address: str
-    compressors: tuple[str, ...] = DEFAULT_COMPRESSORS
+    `policy` is replaced by a reload, which also increments `generation`, so each
+    connection recomputes its roles and views before its next command.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.generation = 0
+        self.grants = BreakGlassGrants()
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Put a reloaded policy in force for every connection's next command."""
+        self.policy = policy
+        self.generation += 1
+
+
+class ProxyState:
+    """The state one connection works with: the shared state and its own upstream settings."""
+
+    def __init__(self, policy: Policy, keys: KeyService, upstream: UpstreamRoute,
+                 advertised_address: str,
+                 compressors: tuple[str, ...] = DEFAULT_COMPRESSORS,
+                 shared: SharedState | None = None) -> None:
+        self.shared = shared if shared is not None else SharedState(policy)
+        self.keys = keys
+        self.upstream = upstream
+        self.advertised_address = advertised_address
+        self.compressors = compressors
+
+    @property
+    def policy(self) -> Policy:
+        return self.shared.policy
+
+    @property
+    def generation(self) -> int:
+        return self.shared.generation
+
+    @property
+    def grants(self) -> BreakGlassGrants:
+        return self.shared.grants
 
 
 class ClientSession:
@@ -196,6 +232,7 @@ class ClientSession:
         self.revealed_cursors: set[int] = set()
         self._last_get_more_cursor: int | None = None
         self.identity = Identity(policy_roles=self._default_roles())
+        self._access_stamp: tuple[int, int | None] = (state.generation, None)
         self.context = self._new_context()
 
     # -- life cycle -------------------------------------------------------
@@ -341,6 +378,10 @@ class ClientSession:
             # Checked here even for frames forwarded unchanged: a server that
             # skips the check would otherwise act on a corrupted command.
             verify_checksum(frame)
+        self._refresh_access()
+        if peek.name == BREAK_GLASS_COMMAND:
+            await self._break_glass(frame)
+            return
         plan = plan_for(peek.name, peek.database, peek.collection, self.state.policy,
                         has_revealed_cursors=bool(self.revealed_cursors))
 
@@ -736,7 +777,52 @@ class ClientSession:
 
     def _new_context(self) -> RewriteContext:
         views = self.state.policy.views_for(self.identity.policy_roles)
-        return RewriteContext(self.state.policy, self.state.keys.ring, views)
+        grant = self.state.grants.active(self._user(), _utc_now())
+        self._access_stamp = (self.state.generation, grant.id if grant else None)
+        return RewriteContext(self.state.policy, self.state.keys.ring,
+                              views_with_grant(views, grant))
+
+    def _user(self) -> str | None:
+        """The connection's first authenticated user as "name@db", which break-glass grants name."""
+        if not self.identity.users:
+            return None
+        name, db = self.identity.users[0]
+        return f"{name}@{db}"
+
+    def _refresh_access(self) -> None:
+        """Recompute roles and views after a policy reload or when a break-glass grant starts or ends."""
+        grant = self.state.grants.active(self._user(), _utc_now()) if self.identity.users else None
+        stamp = (self.state.generation, grant.id if grant else None)
+        if stamp == self._access_stamp:
+            return
+
+        if stamp[0] != self._access_stamp[0]:
+            users, roles = self.identity.users, self.identity.mongodb_roles
+            policy_roles = (self.state.policy.roles_for(users, roles) if users
+                            else self._default_roles())
+            self.identity = Identity(users, roles, policy_roles)
+            log.info("conn %d from %s: policy reloaded; policy roles now %s", self.id,
+                     self.peer, sorted(policy_roles) or "none")
+        self.context = self._new_context()
+
+    async def _break_glass(self, frame: bytes) -> None:
+        """Answer a mongoveilBreakGlass command here; it never reaches the server."""
+        header = parse_header(frame)
+        body = parse_op_msg(frame).body
+        try:
+            reply, audit = handle_break_glass(body, self._user(), self.identity.policy_roles,
+                                              self.state.policy, self.state.grants, _utc_now())
+        except CommandError as error:
+            log.warning("conn %d from %s: refused %s for %s: %s", self.id, self.peer,
+                        BREAK_GLASS_COMMAND, self.identity.describe(), error)
+            await self._reply_to_client(header.request_id, error.to_reply())
+            return
+
+        # The reason is the operator's free text; it goes to the audit trail, not the log.
+        log.warning("conn %d from %s: break-glass %s for %s (%s minutes)", self.id, self.peer,
+                    audit["action"], self.identity.describe(), audit.get("minutes", "-"))
+        self.context = self._new_context()
+        await self._reply_to_client(header.request_id, reply)
 
     # -- output -----------------------------------------------------------
 
@@ -751,6 +837,10 @@ class ClientSession:
     async def _reply_to_client(self, response_to: int, body: dict) -> None:
         await self._send_to_client(encode_op_msg_reply(body, response_to=response_to,
                                                        request_id=next(_PROXY_REQUEST_IDS)))
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _format_peer(peername: object) -> str:
