@@ -80,6 +80,8 @@ from proxy.session.identity import (
     Identity,
     auth_finished,
     parse_connection_status,
+    parse_custom_data,
+    users_info_command,
 )
 from proxy.session.access import COMMAND_NAME as BREAK_GLASS_COMMAND
 from proxy.session.access import BreakGlassGrants, handle_break_glass, views_with_grant
@@ -762,10 +764,38 @@ class ClientSession:
             users, roles = (), ()
 
         policy_roles = self.state.policy.roles_for(users, roles) if users else self._default_roles()
-        self.identity = Identity(users, roles, policy_roles)
+        custom_data = await self._custom_data(users[0]) if users and _uses_custom_data(
+            self.state.policy) else {}
+        self.identity = Identity(users, roles, policy_roles, custom_data)
         self.context = self._new_context()
         log.info("conn %d from %s: authenticated as %s, policy roles %s", self.id, self.peer,
                  self.identity.describe(), sorted(policy_roles) or "none")
+
+    async def _custom_data(self, user: tuple[str, str]) -> dict:
+        """Read the user's customData for `$$user.custom_data` in row rules.
+
+        MongoDB lets every user read their own document, so the request goes on the
+        client's connection first. A server that refuses that (SecantusDB does) is
+        asked through the proxy's own account, which then needs the viewUser action.
+        Without customData the rules that use it match no document.
+        """
+        name, db = user
+        request_id = next(_PROXY_REQUEST_IDS)
+        await self._send_upstream(encode_op_msg(OpMsg(0, users_info_command(name, db), []),
+                                                request_id, 0))
+        frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        try:
+            return parse_custom_data(parse_op_msg(frame).body)
+        except ValueError as own_error:
+            try:
+                reply = await self.state.keys.vault.collection.database.client[db].command(
+                    {"usersInfo": {"user": name, "db": db}})
+                return parse_custom_data(reply)
+            except Exception as error:  # no customData: the rules that need it match nothing
+                log.warning("conn %d from %s: cannot read the customData of %s@%s (%s; then "
+                            "%s); row rules that use it match no document", self.id, self.peer,
+                            name, db, own_error, type(error).__name__)
+                return {}
 
     def _bson_size_headroom(self) -> int:
         """Return the room to leave for encryption; none when no collection is protected."""
@@ -800,7 +830,7 @@ class ClientSession:
             users, roles = self.identity.users, self.identity.mongodb_roles
             policy_roles = (self.state.policy.roles_for(users, roles) if users
                             else self._default_roles())
-            self.identity = Identity(users, roles, policy_roles)
+            self.identity = Identity(users, roles, policy_roles, self.identity.custom_data)
             log.info("conn %d from %s: policy reloaded; policy roles now %s", self.id,
                      self.peer, sorted(policy_roles) or "none")
         self.context = self._new_context()
@@ -837,6 +867,11 @@ class ClientSession:
     async def _reply_to_client(self, response_to: int, body: dict) -> None:
         await self._send_to_client(encode_op_msg_reply(body, response_to=response_to,
                                                        request_id=next(_PROXY_REQUEST_IDS)))
+
+
+def _uses_custom_data(policy: Policy) -> bool:
+    return any(rule.filter is not None and "$$user.custom_data" in repr(rule.filter)
+               for rule in policy.row_rules.values())
 
 
 def _utc_now() -> datetime.datetime:

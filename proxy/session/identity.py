@@ -21,6 +21,8 @@ class Identity:
     users: tuple[tuple[str, str], ...] = ()
     mongodb_roles: tuple[tuple[str, str], ...] = ()
     policy_roles: frozenset[str] = field(default_factory=frozenset)
+    # The first user's customData from usersInfo, read only when a row rule uses it.
+    custom_data: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """Return `user@db,...` for log lines; user names are not protected values."""
@@ -67,3 +69,23 @@ def parse_connection_status(reply: dict) -> tuple[tuple[tuple[str, str], ...], t
         (entry["role"], entry["db"]) for entry in auth_info.get("authenticatedUserRoles", [])
     )
     return users, roles
+
+
+def users_info_command(user: str, db: str) -> dict:
+    """The command that asks the server for one user's document, customData included."""
+    return {"usersInfo": {"user": user, "db": db}, "$db": db}
+
+
+def parse_custom_data(reply: dict) -> dict:
+    """Return the customData of the single user in a `usersInfo` reply ({} when it has none).
+
+    Raises ValueError when the reply is an error or names no user.
+    """
+    if reply.get("ok") != 1:
+        raise ValueError(f"usersInfo failed: {reply.get('errmsg', 'no errmsg')} "
+                         f"(code {reply.get('code')})")
+    users = reply.get("users")
+    if not isinstance(users, list) or len(users) != 1 or not isinstance(users[0], dict):
+        raise ValueError("usersInfo reply does not hold exactly one user")
+    custom_data = users[0].get("customData", {})
+    return custom_data if isinstance(custom_data, dict) else {}
