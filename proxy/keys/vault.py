@@ -162,6 +162,13 @@ class KeyVault:
             return None if doc is None else await self.unwrap(doc)
         return DataKey(new_doc["_id"], material, (alt_name,))
 
+    async def load_key_with_status(self, key_id: uuid.UUID) -> tuple[DataKey, bool] | None:
+        """Like `load_key`, and also tell whether the key is disabled."""
+        doc = await self._collection.find_one({"_id": key_id})
+        if doc is None:
+            return None
+        return await self.unwrap(doc), doc.get("status") == STATUS_DISABLED
+
     async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
         """Return the data key with this id, or None when the vault has none.
 

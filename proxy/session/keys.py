@@ -96,13 +96,16 @@ class KeyService:
             if self.ring.get(key_id) is not None or self.ring.is_missing(key_id):
                 return
 
-            key = await self.vault.load_key(key_id)
-            if key is None:
+            loaded = await self.vault.load_key_with_status(key_id)
+            if loaded is None:
                 log.warning("data key %s named by a ciphertext is not in the key vault", key_id)
                 self.ring.mark_missing(key_id)
                 return
-            # The key may be an old key of its class, so it does not replace the class key.
-            self.ring.add(key, class_key=False)
+            # An active key keeps its current alt names (a class's or a subject's), so a
+            # later write under those names needs no second load; a retired key has none.
+            # A disabled key must not encrypt new values, so its names are not mapped.
+            key, disabled = loaded
+            self.ring.add(key, class_key=not disabled)
             log.info("loaded data key %s", key_id)
 
     def _lock_for(self, kind: str, name: object) -> asyncio.Lock:

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from proxy.crypto.data_key import DataKey, class_alt_name
+from proxy.crypto.data_key import DataKey, class_alt_name, retired_alt_name
 from proxy.crypto.keyring import KeyRing
 from proxy.session.keys import KeyService
 
@@ -27,9 +27,11 @@ class FakeVault:
         self.named_keys = {name: key for key in keys for name in key.current_names}
         self.queries = 0
         self.error: Exception | None = None
+        self.disabled: set[uuid.UUID] = set()
 
-    async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
-        return await self._answer(self.keys.get(key_id))
+    async def load_key_with_status(self, key_id: uuid.UUID) -> tuple[DataKey, bool] | None:
+        key = await self._answer(self.keys.get(key_id))
+        return None if key is None else (key, key_id in self.disabled)
 
     async def load_named_key(self, alt_name: str, *, create: bool) -> DataKey | None:
         return await self._answer(self.named_keys.get(alt_name))
@@ -122,7 +124,8 @@ async def test_ensure_key_reloads_after_eviction() -> None:
 
 
 async def test_ensure_key_keeps_class_key() -> None:
-    current, old = _key("identity"), _key("identity")
+    current = _key("identity")
+    old = DataKey(uuid.uuid4(), os.urandom(96), (retired_alt_name("identity", uuid.uuid4()),))
     vault = FakeVault(old, current)
     service = KeyService(vault, KeyRing())
     await service.ensure_class_key("identity")
@@ -166,3 +169,27 @@ async def test_locks_released_after_use() -> None:
     await asyncio.gather(*(service.ensure_key(uuid.uuid4()) for _ in range(CONCURRENT_CALLS)))
 
     assert len(service._locks) == 0
+
+
+async def test_ensure_key_maps_a_subject_key_for_later_writes() -> None:
+    subject_key = DataKey(uuid.uuid4(), os.urandom(96), ("mongoveil:clinical:subject:abc",))
+    vault = FakeVault(subject_key)
+    service = KeyService(vault, KeyRing())
+
+    await service.ensure_key(subject_key.id)
+    await service.ensure_named_key("mongoveil:clinical:subject:abc")
+
+    assert service.ring.for_name("mongoveil:clinical:subject:abc") is subject_key
+    assert vault.queries == 1
+
+
+async def test_ensure_key_does_not_map_a_disabled_key() -> None:
+    disabled = _key("identity")
+    vault = FakeVault(disabled)
+    vault.disabled.add(disabled.id)
+    service = KeyService(vault, KeyRing())
+
+    await service.ensure_key(disabled.id)
+
+    assert service.ring.get(disabled.id) is disabled
+    assert service.ring.for_class("identity") is None
