@@ -38,12 +38,36 @@ def summarize_policy(policy: Policy) -> str:
 
     lines.append("roles:" if policy.roles else "roles: none")
     for name, views in policy.roles.items():
-        lines.append(f"  {name}: {_views_text(views, policy.classes)}")
+        lines.append(f"  {name}: {_views_text(views, policy.classes)}{_access_text(policy, name)}")
 
     lines.append(f"identity rules: {len(policy.identity)}")
     default_role = policy.default_role or "none (unmatched connections see every class redacted)"
     lines.append(f"default role: {default_role}")
+    lines.append(_audit_line(policy))
     return "\n".join(lines)
+
+
+def _access_text(policy: Policy, role: str) -> str:
+    """Describe a role's row rule and break-glass grant, or "" when it has neither."""
+    parts = []
+    rule = policy.row_rules.get(role)
+    if rule is not None and rule.owner_field is not None:
+        parts.append(f"rows owned through {rule.owner_field}")
+    elif rule is not None:
+        parts.append(f"rows matching {dict(rule.filter)}")
+    grant = policy.break_glass.get(role)
+    if grant is not None:
+        views = ", ".join(f"{name}={view.value}" for name, view in grant.views.items())
+        parts.append(f"break-glass {views} for up to {grant.max_minutes} min")
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def _audit_line(policy: Policy) -> str:
+    audit = policy.audit
+    if not audit.enabled:
+        return "audit: none"
+    sinks = [str(sink) for sink in (audit.file, audit.collection) if sink is not None]
+    return f"audit: {', '.join(sinks)} (on failure: {audit.on_failure})"
 
 
 def _master_key_lines(policy: Policy) -> list[str]:
