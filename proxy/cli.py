@@ -146,6 +146,14 @@ def _build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--batch-size", type=int, default=500, metavar="N",
                          help="documents read and written per batch (default: 500)")
 
+    audit = commands.add_parser("audit", help="check the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain and MACs of an audit file and report the first "
+                       "broken record; the MAC key comes from the key vault")
+    verify.add_argument("file", type=Path, help="JSON-lines audit file (audit.file)")
+    _add_key_vault_arguments(verify)
+
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file and summarize it")
@@ -236,9 +244,11 @@ def _subject_value(args: argparse.Namespace) -> object:
 
     try:
         return json_util.loads(args.subject_json)
-    except ValueError:
+    except Exception:   # json, bson.errors.InvalidId and others; none may echo the value
         # The text is not echoed: it is a data subject's identifier.
-        raise KeysCommandError("--subject-json is not valid MongoDB Extended JSON") from None
+        raise KeysCommandError(
+            "--subject-json is not valid MongoDB Extended JSON, for example "
+            "'{\"$numberInt\": \"42\"}' or '{\"$oid\": \"<24 hex digits>\"}'") from None
 
 
 def _run_migrate(args: argparse.Namespace) -> int:
@@ -249,6 +259,52 @@ def _run_migrate(args: argparse.Namespace) -> int:
     except MigrateError as error:
         print(f"mongoveil migrate: error: {error}", file=sys.stderr)
         return 1
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from pymongo.errors import PyMongoError
+
+    from proxy.audit.file_sink import verify_file
+    from proxy.policy import load_policy
+
+    def fail(message: str) -> int:
+        print(f"mongoveil audit verify: error: {message}", file=sys.stderr)
+        return 2
+
+    if not args.file.exists():
+        return fail(f"{args.file}: file not found")
+    if not args.file.is_file():
+        return fail(f"{args.file}: not a regular file")
+    policy = load_policy(args.policy)
+    try:
+        mac_key = asyncio.run(_load_audit_mac_key(policy, args.upstream))
+    except PyMongoError as error:
+        return fail(f"the audit key could not be read from the key vault "
+                    f"{policy.key_vault}: {error}")
+    if mac_key is None:
+        return fail(f"the key vault {policy.key_vault} has no active audit key (alt name "
+                    "mongoveil:audit), so the MACs cannot be checked; use the policy and "
+                    "upstream of the proxy that wrote the file")
+    try:
+        result = verify_file(args.file, mac_key)
+    except OSError as error:
+        return fail(f"{args.file}: read failed: {error.strerror}")
+
+    if result.intact:
+        noun = "record" if result.records == 1 else "records"
+        print(f"{args.file}: {result.records} {noun}, chain intact")
+        return 0
+    print(f"{args.file}: record {result.broken_line} (line {result.broken_line}): "
+          f"{result.reason}")
+    return 1
+
+
+async def _load_audit_mac_key(policy, upstream: str) -> bytes | None:
+    from proxy.audit.trail import load_audit_mac_key
+    from proxy.keys_commands import open_vault
+
+    async with open_vault(policy, upstream) as vault:
+        return await load_audit_mac_key(vault, create=False)
 
 
 def _run_policy_check(args: argparse.Namespace) -> int:
@@ -276,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     # pymongo's debug logging of the key vault client prints whole replies,
     # wrapped data keys included; keep it out of the proxy's log.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLogger().level))
+    from pymongo.errors import PyMongoError
+
     from proxy.crypto.errors import KeyDocumentError, MasterKeyError, MasterKeyUnavailable
     from proxy.policy import PolicyError
 
@@ -284,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": _run_keys,
         "migrate": _run_migrate,
         "policy": _run_policy_check,
+        "audit": _run_audit,
         "demo": _run_demo,
     }
     try:
@@ -292,8 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mongoveil: error: {error}", file=sys.stderr)
         return 2
     except MasterKeyError as error:
-        print(f"mongoveil: error: {error}; create it with `mongoveil keys init --policy FILE "
-              "--upstream URI`, or restore it from your backup", file=sys.stderr)
+        if str(error).startswith("environment variable"):
+            hint = ("set it to base64 of 96 random bytes (for example the output of "
+                    "`openssl rand -base64 96`), or restore it from your backup")
+        else:
+            hint = ("create it with `mongoveil keys init --policy FILE --upstream URI`, or "
+                    "restore it from your backup")
+        print(f"mongoveil: error: {error}; {hint}", file=sys.stderr)
+        return 2
+    except PyMongoError as error:
+        # pymongo's messages name hosts and reasons, never the password of a URI.
+        # The first clause says what failed; the topology description after it does not help.
+        reason = str(error).split(" (configured timeouts")[0]
+        print(f"mongoveil: error: the MongoDB server could not be used: "
+              f"{type(error).__name__}: {reason}", file=sys.stderr)
         return 2
     except (PolicyError, KeyDocumentError, ValueError, FileNotFoundError) as error:
         print(f"mongoveil: error: {error}", file=sys.stderr)

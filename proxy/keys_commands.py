@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from pymongo import AsyncMongoClient
+
 from proxy.crypto.data_key import class_alt_name
 from proxy.crypto.key_document import KeyInfo
-from proxy.keys.vault import KeyVault
 from proxy.crypto.master_key import create_local_master_key_file
+from proxy.keys.vault import KeyVault
 from proxy.policy import Policy, load_policy
 from proxy.server.app import open_key_vault
 
@@ -44,6 +46,8 @@ async def init_keys(policy_path: Path, upstream_uri: str) -> list[str]:
     """Create what is missing and return one line per action for the operator."""
     policy = load_policy(policy_path)
     lines = []
+    if policy.master_key_file is not None and not policy.master_key_file.exists():
+        await _refuse_new_master_key_for_used_vault(policy, upstream_uri)
     if policy.master_key_file is None:
         lines.append(f"master key {policy.master_key!r}: held by its {policy.active_master_key.provider} provider")
     elif create_local_master_key_file(policy.master_key_file):
@@ -61,6 +65,27 @@ async def init_keys(policy_path: Path, upstream_uri: str) -> list[str]:
             else:
                 lines.append(f"class {class_name}: data key {key.id}")
     return lines
+
+
+async def _refuse_new_master_key_for_used_vault(policy: Policy, upstream_uri: str) -> None:
+    """Refuse to create a master key file when the key vault already has local data keys.
+
+    A new master key could unwrap none of them, so the missing file is far more
+    likely a wrong path or a lost key to restore than a first start.
+    """
+    database, collection = policy.key_vault.split(".", 1)
+    client: AsyncMongoClient = AsyncMongoClient(upstream_uri, serverSelectionTimeoutMS=5000)
+    try:
+        count = await client[database][collection].count_documents(
+            {"masterKey.provider": "local"}, limit=1)
+    finally:
+        await client.close()
+    if count:
+        raise KeysCommandError(
+            f"master key file {policy.master_key_file} does not exist, but the key vault "
+            f"{policy.key_vault} already holds data keys wrapped by a local master key; a new "
+            "master key could not unwrap them. Check the path in keys.master_key_file, or "
+            "restore the file from your backup")
 
 
 async def list_keys(policy_path: Path, upstream_uri: str, *, as_json: bool) -> list[str]:
@@ -159,6 +184,11 @@ async def disable_key(
     active keys, or when the operator declines.
     """
     policy = load_policy(policy_path)
+    if class_name is not None and class_name not in policy.classes:
+        raise KeysCommandError(
+            f"class {class_name!r} is not in the policy {policy_path}; "
+            f"its classes are: {', '.join(policy.classes)}"
+        )
     async with open_vault(policy, upstream_uri) as vault:
         info = _choose_key(await vault.list_keys(), key_id, class_name)
         if info.disabled:
@@ -174,8 +204,9 @@ async def disable_key(
     if not changed:
         return [f"data key {info.id} is disabled already"]
     return [f"disabled data key {info.id} (class {info.class_name or '-'}); values "
-            "encrypted with it stay readable; a running proxy that has loaded it may keep "
-            "using it until the proxy restarts"]
+            "encrypted with it stay readable; a running proxy that has loaded it keeps "
+            f"using it until its cached copy expires ({policy.key_cache.ttl_seconds:g} s, "
+            "keys.cache.ttl_seconds)"]
 
 
 def _choose_key(
@@ -187,15 +218,11 @@ def _choose_key(
                 return info
         raise KeysCommandError(f"data key {key_id} not found in the key vault")
 
-    active = [info for info in infos if info.class_name == class_name and not info.disabled]
-    if not active:
+    alt_name = class_alt_name(class_name)
+    holders = [info for info in infos if alt_name in info.alt_names]
+    if not holders or holders[0].disabled:
         raise KeysCommandError(f"class {class_name!r} has no active data key")
-    if len(active) > 1:
-        ids = ", ".join(str(info.id) for info in active)
-        raise KeysCommandError(
-            f"class {class_name!r} has several active data keys ({ids}); choose one with --id"
-        )
-    return active[0]
+    return holders[0]
 
 
 def terminal_confirm(question: str) -> bool:

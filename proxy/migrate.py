@@ -3,7 +3,9 @@
 The migration reads the collection in `_id` order, one batch at a time, and
 encrypts every protected field whose value is not ciphertext yet (BinData
 subtype 6) or null. A value encrypted with a key that `mongoveil keys rotate`
-retired is decrypted and encrypted again with its class's current key. Each
+retired is decrypted and encrypted again with its class's current key, and a
+value of a class with one key per subject that still sits under the class key
+(written before `key_per` was configured) moves to its subject's key. Each
 changed document is written back with one
 conditional `update_one` that `$set`s the encrypted fields together, so a
 document is always either wholly old or wholly new. A run killed at any point
@@ -168,8 +170,13 @@ def _decrypt_retired(document: dict, scope: Scope, retired: set[uuid.UUID]) -> N
         transform_at_path(document, rule.path.split("."), decrypt)
 
 
-async def _load_class_keys(vault: KeyVault, classes: set[str]) -> Keys:
-    """Load the key of each class, creating missing ones as `keys init` does, and the retired keys."""
+async def _load_class_keys(vault: KeyVault, classes: set[str],
+                           policy_key_per: frozenset[str] = frozenset()) -> Keys:
+    """Load the key of each class, creating missing ones as `keys init` does, and the retired keys.
+
+    For the classes in `policy_key_per` (one key per data subject), the class key
+    counts as retired too: values under it are moved to their subject's key.
+    """
     keys = Keys(KeyRing())
     await vault.ensure_indexes()
     for class_name in sorted(classes):
@@ -180,6 +187,10 @@ async def _load_class_keys(vault: KeyVault, classes: set[str]) -> Keys:
                 f"so its values cannot be encrypted; run `mongoveil keys rotate --class "
                 f"{class_name}` first")
         keys.ring.add(key)
+        if class_name in policy_key_per:
+            # Values written before the class had one key per subject sit under the
+            # class key, where shredding a subject cannot reach them: move them.
+            keys.retired.add(key.id)
 
         for key_id in await vault.retired_key_ids(class_name):
             retired_key = await vault.load_key(key_id)
@@ -310,7 +321,7 @@ def run_migrate(policy_path: Path, namespace: str, upstream_uri: str, batch_size
     with asyncio.Runner() as runner:
         vault_client, vault = open_key_vault(policy, upstream_uri)
         try:
-            keys = runner.run(_load_class_keys(vault, classes))
+            keys = runner.run(_load_class_keys(vault, classes, frozenset(policy.key_per)))
             keys.load = lambda missing: runner.run(_load_named_key(vault, keys.ring, missing))
             counts = _migrate_namespace(namespace, upstream_uri, collection_policy, policy,
                                         keys, batch_size, stream)

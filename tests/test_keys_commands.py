@@ -310,7 +310,7 @@ def test_disable_class_without_key(upstream_uri: str, policy_path: Path) -> None
                        "--class", "billing", "--yes")
 
     assert result.returncode == 1
-    assert "'billing' has no active data key" in result.stderr
+    assert "class 'billing' is not in the policy" in result.stderr
 
 
 def test_init_after_disable(

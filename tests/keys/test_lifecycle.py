@@ -457,6 +457,12 @@ def test_shred_makes_one_subject_unreadable(
     assert record["key_id"] == str(victim_key)
     assert record["reason"] == "erasure request 2026-118"
     assert victim["_id"] not in json.dumps(record)
+    assert record["seq"] == 1
+    assert record["prev"] == "0" * 64
+    assert len(record["mac"]) == 64
+    verified = _ok(_cli(secantus_uri, "audit", "verify", str(tmp_path / "audit.jsonl"),
+                        "--policy", str(shred_policy)))
+    assert "1 record, chain intact" in verified
 
 
 def test_shred_unknown_subject(secantus_uri, shred_policy, namespace, collection, tmp_path):
@@ -496,7 +502,8 @@ def test_shred_class_without_key_per(secantus_uri, shred_policy):
 
 def test_shred_refuses_without_audit_file(secantus_uri, tmp_path, namespace):
     policy_path = _write_policy(tmp_path, namespace,
-                                classes={"identity": {}, "clinical": {"key_per": "_id"}})
+                                classes={"identity": {}, "clinical": {"key_per": "_id"}},
+                                audit={})
 
     result = _cli(secantus_uri, "keys", "shred", "--policy", str(policy_path),
                   "--class", "clinical", "--subject", "x", "--yes")
@@ -570,3 +577,100 @@ def test_init_with_unreachable_vault_fails_cleanly(secantus_uri, client, policy_
     assert "master key 'transit' (vault" in result.stderr
     assert "Traceback" not in result.stderr
     assert _vault_collection(client, policy_path).count_documents({}) == 0
+
+
+# -- found by trying the commands as a new user -----------------------------------------------
+
+
+def test_disable_class_after_rotate_picks_the_current_key(secantus_uri, client, policy_path):
+    _ok(_cli(secantus_uri, "keys", "init", "--policy", str(policy_path)))
+    _ok(_cli(secantus_uri, "keys", "rotate", "--policy", str(policy_path),
+             "--class", "identity", "--yes"))
+    vault = _vault_collection(client, policy_path)
+    current = vault.find_one({"keyAltNames": "mongoveil:identity"})["_id"]
+
+    output = _ok(_cli(secantus_uri, "keys", "disable", "--policy", str(policy_path),
+                      "--class", "identity", "--yes"))
+
+    assert f"disabled data key {current}" in output
+    assert "keys.cache.ttl_seconds" in output
+
+
+def test_migrate_moves_class_key_values_to_subject_keys(
+        secantus_uri, client, tmp_path, namespace, collection):
+    """Values written before key_per was configured move to their patient's key, so shred reaches them."""
+    policy_path = _write_policy(tmp_path, namespace)
+    originals = _patients(5)
+    collection.insert_many(copy.deepcopy(originals))
+    _ok(_cli(secantus_uri, "migrate", "--policy", str(policy_path), "--namespace", namespace))
+    vault = _vault_collection(client, policy_path)
+    class_key = vault.find_one({"keyAltNames": "mongoveil:clinical"})["_id"]
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["classes"] = {"identity": {}, "clinical": {"key_per": "_id"}}
+    policy["audit"] = {"file": str(tmp_path / "audit.jsonl")}
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+    moved = _ok(_cli(secantus_uri, "migrate", "--policy", str(policy_path),
+                     "--namespace", namespace))
+    _ok(_cli(secantus_uri, "keys", "shred", "--policy", str(policy_path), "--class", "clinical",
+             "--subject", originals[0]["_id"], "--yes"))
+
+    assert "re-encrypted from retired keys 5" in moved
+    key_ids = {ciphertext_key_id(doc["conditions"]) for doc in collection.find()}
+    assert class_key not in key_ids and len(key_ids) == 5
+    ring = _ring_from_vault(secantus_uri, policy_path)
+    with pytest.raises(Exception):
+        ring.decrypt(collection.find_one({"_id": originals[0]["_id"]})["conditions"])
+    assert ring.decrypt(collection.find_one({"_id": originals[1]["_id"]})["conditions"])[1] == \
+        originals[1]["conditions"]
+
+
+def test_init_refuses_a_new_master_key_for_a_used_vault(secantus_uri, client, policy_path):
+    _ok(_cli(secantus_uri, "keys", "init", "--policy", str(policy_path)))
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["keys"]["master_key_file"] = str(policy_path.parent / "typo.key")
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+    result = _cli(secantus_uri, "keys", "init", "--policy", str(policy_path))
+
+    assert result.returncode == 1
+    assert "already holds data keys wrapped by a local master key" in result.stderr
+    assert not (policy_path.parent / "typo.key").exists()
+
+
+def test_unreachable_server_is_one_line(policy_path):
+    result = _cli("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300", "keys", "list",
+                  "--policy", str(policy_path))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "the MongoDB server could not be used" in result.stderr
+
+
+def test_bad_subject_json_is_one_line(secantus_uri, tmp_path, namespace):
+    policy_path = _write_policy(tmp_path, namespace,
+                                classes={"identity": {}, "clinical": {"key_per": "_id"}},
+                                audit={"file": str(tmp_path / "audit.jsonl")})
+
+    result = _cli(secantus_uri, "keys", "shred", "--policy", str(policy_path), "--class",
+                  "clinical", "--subject-json", '{"$oid": "zz-secret-zz"}', "--yes")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "zz-secret-zz" not in result.stderr
+
+
+def test_unset_env_master_key_hint(secantus_uri, tmp_path, namespace):
+    policy_path = _write_policy(tmp_path, namespace)
+    policy = yaml.safe_load(policy_path.read_text())
+    del policy["keys"]["master_key_file"]
+    policy["keys"]["master_keys"] = {"env-key": {"provider": "local", "env": "MV_TEST_UNSET_KEY"}}
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "MV_TEST_UNSET_KEY"}
+
+    result = _cli(secantus_uri, "keys", "list", "--policy", str(policy_path), env=environment)
+
+    assert result.returncode == 2
+    assert "environment variable MV_TEST_UNSET_KEY: not set" in result.stderr
+    assert "openssl rand -base64 96" in result.stderr

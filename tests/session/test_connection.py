@@ -37,12 +37,13 @@ class FakeVault:
         self.error: Exception | None = None
         self.queries = 0
 
-    async def load_key(self, key_id: uuid.UUID) -> DataKey | None:
+    async def load_key_with_status(self, key_id: uuid.UUID) -> tuple[DataKey, bool] | None:
         self.queries += 1
         await asyncio.sleep(0)  # a real query suspends, which lets a timeout cancel a loop
         if self.error is not None:
             raise self.error
-        return self.keys.get(key_id)
+        key = self.keys.get(key_id)
+        return None if key is None else (key, False)
 
 
 class FakeWriter:
