@@ -28,6 +28,7 @@ from .context import RewriteContext, Scope
 from .encrypt_fields import encrypt_document
 from .subjects import write_scope
 from .errors import CommandError, bad_value
+from .row_commands import restrict_bulk_operation
 from .filters import rewrite_filter
 from .options import check_key_option
 from .updates import check_array_filters, rewrite_update
@@ -122,6 +123,7 @@ def _rewrite_operation(index: int, operation: object, namespaces: list[Namespace
             )
 
     try:
+        restrict_bulk_operation(kind, operation, scope)
         _OPERATION_REWRITES[kind](operation, scope)
     except CommandError as error:
         message = f"bulkWrite operation {index} ({kind} on {namespace}): {error.message}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 BAD_VALUE = 2
+UNAUTHORIZED = 13
 
 
 class CommandError(Exception):
@@ -27,3 +28,8 @@ class CommandError(Exception):
 def bad_value(message: str) -> CommandError:
     """Return a CommandError with code 2 (BadValue) and `message`."""
     return CommandError(BAD_VALUE, "BadValue", message)
+
+
+def unauthorized(message: str) -> CommandError:
+    """Return a CommandError with code 13 (Unauthorized) and `message`."""
+    return CommandError(UNAUTHORIZED, "Unauthorized", message)

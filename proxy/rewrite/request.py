@@ -3,7 +3,9 @@
 Only the commands listed in `REQUEST_HANDLERS` are rewritten, and only on a namespace
 that the policy protects, except aggregate, which is analyzed on every namespace. A
 bulkWrite names a namespace per operation, so it is always passed to its own handler in
-`MULTI_NAMESPACE_HANDLERS`. Every other command passes through unchanged.
+`MULTI_NAMESPACE_HANDLERS`. Every other command passes through unchanged. Before a
+command's own rewrite, `row_commands` limits it to the rows of the connection's row
+rules and rejects JavaScript on the policy's collections.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .commands import (
     rewrite_update_command,
 )
 from .context import RewriteContext, Scope
+from .deny import check_denied, check_denied_multi_namespace
+from .row_commands import apply_row_rules, reject_map_reduce
 
 Handler = Callable[[dict, list[DocumentSequence], Scope], None]
 MultiNamespaceHandler = Callable[[dict, list[DocumentSequence], RewriteContext], None]
@@ -44,6 +48,7 @@ REQUEST_HANDLERS: dict[str, Handler] = {
     "findAndModify": rewrite_find_and_modify,
     "findandmodify": rewrite_find_and_modify,
     "aggregate": rewrite_aggregate,
+    "mapReduce": reject_map_reduce,
 }
 
 # Commands that write to several namespaces named inside the command. Their handlers get
@@ -107,6 +112,7 @@ def _rewrite_command(
 ) -> None:
     multi_namespace_handler = MULTI_NAMESPACE_HANDLERS.get(name)
     if multi_namespace_handler is not None:
+        check_denied_multi_namespace(body, sequences, name, ctx)
         multi_namespace_handler(body, sequences, ctx)
         return
 
@@ -122,6 +128,8 @@ def _rewrite_command(
     else:
         scope = None
     if scope is not None:
+        check_denied(body, sequences, name, scope, ctx)
+        apply_row_rules(name, body, sequences, scope)
         handler(body, sequences, scope)
 
 
@@ -139,4 +147,4 @@ def _aggregate_scope(collection: object, database: str, ctx: RewriteContext) -> 
     scope = ctx.scope(namespace)
     if scope is not None:
         return scope
-    return Scope(namespace, CollectionPolicy(namespace, {}), ctx.keys, ctx.policy)
+    return Scope(namespace, CollectionPolicy(namespace, {}), ctx.keys, ctx.policy, rows=ctx.rows)
