@@ -300,7 +300,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 async def _load_audit_mac_key(policy, upstream: str) -> bytes | None:
-    from proxy.audit.trail import load_audit_mac_key
+    from proxy.server.audit_trail import load_audit_mac_key
     from proxy.keys_commands import open_vault
 
     async with open_vault(policy, upstream) as vault:

@@ -13,7 +13,8 @@ import getpass
 import socket
 from pathlib import Path
 
-from proxy.audit.jsonl import AuditWriteError, append_record
+from proxy.audit.file_sink import AuditWriteError, append_sealed
+from proxy.server.audit_trail import load_audit_mac_key
 from proxy.crypto.keyring import KeyRing
 from proxy.keys_commands import Confirm, KeysCommandError, open_vault
 from proxy.policy import Policy, load_policy
@@ -135,8 +136,9 @@ async def shred_subject(
     from the class key, and deleted after confirmation. The shred is appended to
     the policy's audit file before the key is deleted, so no shred goes unrecorded,
     and a "key.shred.failed" record follows when the deletion then fails. Records
-    never hold the subject's value. With no audit file the command refuses unless
-    `audit` is False. Raises KeysCommandError.
+    are sealed into the file's hash chain with the audit key of the key vault
+    (created on first use), and never hold the subject's value. With no audit
+    file the command refuses unless `audit` is False. Raises KeysCommandError.
     """
     policy = load_policy(policy_path)
     _check_class(policy, policy_path, class_name)
@@ -176,22 +178,28 @@ async def shred_subject(
         if confirm is not None and not confirm(question):
             raise KeysCommandError(f"data key {info.id} was not shredded: not confirmed")
 
+        mac_key = None
         if audit:
+            mac_key = await load_audit_mac_key(vault, create=True)
+            if mac_key is None:
+                raise KeysCommandError(
+                    f"the audit key (alt name mongoveil:audit) in {policy.key_vault} is "
+                    "disabled, so no audit record can be sealed; nothing was shredded")
             record = {"class": class_name, "key_id": str(info.id), "subject_token": token,
                       "operator": _operator(), "key_vault": policy.key_vault}
             if reason:
                 record["reason"] = reason
             try:
-                append_record(policy.audit_file, "key.shred", record)
+                append_sealed(policy.audit_file, mac_key, "key.shred", record)
             except AuditWriteError as error:
                 raise KeysCommandError(f"{error}; nothing was shredded") from None
 
         try:
             deleted = await vault.delete_named_key(alt_name)
         except Exception:
-            if audit:
+            if mac_key is not None:
                 # The record above says the shred was asked for; this one says it failed.
-                append_record(policy.audit_file, "key.shred.failed",
+                append_sealed(policy.audit_file, mac_key, "key.shred.failed",
                               {"class": class_name, "key_id": str(info.id)})
             raise
 
