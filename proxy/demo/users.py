@@ -34,6 +34,8 @@ CLINIC_ROLES = {
     "clinician": "readWrite",
     "billing": "readWrite",
     "researcher": "read",
+    "clerk": "readWrite",
+    "nurse": "readWrite",
 }
 
 CLINICIAN = DemoUser("drhouse", "clinic", "demo-clinician", (("clinician", "clinic"),),
@@ -44,13 +46,17 @@ RESEARCHER = DemoUser("rita", "clinic", "demo-researcher", (("researcher", "clin
                       "researcher@clinic -> policy role researcher")
 AUDITOR = DemoUser("auditor", "admin", "demo-auditor", (("read", "clinic"),),
                    "user auditor@admin -> policy role auditor")
+CLERK = DemoUser("cleo", "clinic", "demo-clerk", (("clerk", "clinic"),),
+                 "clerk@clinic -> policy role clerk: only the patients she registered")
+NURSE = DemoUser("nina", "clinic", "demo-nurse", (("nurse", "clinic"),),
+                 "nurse@clinic -> policy role nurse: clinical data denied, break-glass allowed")
 NOBODY = DemoUser("nobody", "clinic", "demo-nobody", (("read", "clinic"),),
                   "mapped to no policy role: protected values withheld")
 # The proxy's own account: it reads and writes the key vault, nothing else.
 SERVICE = DemoUser("mongoveil", "admin", "demo-service", (("readWrite", "encryption"),),
                    "the proxy's key-vault account")
 
-DEMO_USERS = (CLINICIAN, BILLING, RESEARCHER, AUDITOR, NOBODY, SERVICE)
+DEMO_USERS = (CLINICIAN, BILLING, RESEARCHER, AUDITOR, CLERK, NURSE, NOBODY, SERVICE)
 
 
 def provision_users(client: MongoClient, users: tuple[DemoUser, ...] = DEMO_USERS) -> None:

@@ -200,6 +200,9 @@ class _PolicyParser(MasterKeysParser, AccessParser):
             self.fail(where, problem)
         if name in RESERVED_ROLE_KEYS:
             self.fail(where, f"{name!r} is reserved for role entries; choose another class name")
+        if name == "audit":
+            # The key vault's "mongoveil:audit" key seals the audit trail.
+            self.fail(where, "'audit' is reserved for the audit trail's key; choose another class name")
         return name
 
     def check_subject_fields(

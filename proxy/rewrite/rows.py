@@ -166,15 +166,17 @@ class RowAccess:
 def row_filter_for(policy: Policy, roles: frozenset[str], user: UserInfo | None) -> RowAccess | None:
     """Return the row access of a connection with these policy roles and this user.
 
-    Returns None when the policy has no row rules, or when one of the connection's
-    roles has none (that role may use every document). A role name that the policy does
-    not define grants nothing, so it neither lifts nor adds a rule.
+    Returns None when the policy has no row rules, when one of the connection's
+    roles has none (that role may use every document), and when the connection has
+    no policy role at all: row rules limit the roles that carry them, and a
+    connection without a role already gets every class redacted. A role name that
+    the policy does not define grants nothing, so it neither lifts nor adds a rule.
     """
     if not policy.row_rules:
         return None
 
     known = sorted(role for role in roles if role in policy.roles)
-    if any(role not in policy.row_rules for role in known):
+    if not known or any(role not in policy.row_rules for role in known):
         return None
 
     resolved = tuple(_resolve_role(role, policy.row_rules[role], user) for role in known)

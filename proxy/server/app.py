@@ -16,6 +16,7 @@ from proxy.keys.vault import KeyVault
 from proxy.crypto.keyring import KeyRing
 from proxy.keys.master_keys import MasterKeys
 from proxy.policy import Policy, load_policy
+from proxy.server.audit_trail import AuditTrail, load_audit_mac_key
 from proxy.server.reload import DEFAULT_POLL_SECONDS, PolicyReloader
 from proxy.server.topology import SuspectServers, UpstreamRoute, upstream_route
 from proxy.server.upstream import Upstream, parse_upstream
@@ -111,7 +112,30 @@ class ProxyServer:
                  self.config.listen_host, self.port, self.upstream.describe(),
                  self.config.policy_path)
 
+    async def _start_audit_trail(self) -> None:
+        """Open the audit trail; until it is open, audited commands follow audit.on_failure."""
+        settings = self.policy.audit
+        try:
+            mac_key = await load_audit_mac_key(self.keys.vault, create=True)
+            if mac_key is None:
+                raise LookupError("the key vault's audit key (mongoveil:audit) is disabled")
+            collection = None
+            if settings.collection is not None:
+                database, name = settings.collection.split(".", 1)
+                collection = self._mongo_client[database][name]
+            trail = AuditTrail(settings, mac_key, collection)
+            await trail.start()
+        except Exception as error:  # the proxy serves on; on_failure decides for audited commands
+            log.error("cannot open the audit trail: %s: %s; audited commands follow "
+                      "audit.on_failure (%s)", type(error).__name__, error, settings.on_failure)
+            return
+        self.shared.audit = trail
+        log.info("audit trail open: %s", ", ".join(
+            str(sink) for sink in (settings.file, settings.collection) if sink is not None))
+
     async def _preload_keys(self) -> None:
+        if self.policy.audit.enabled:
+            await self._start_audit_trail()
         try:
             await self.keys.vault.ensure_indexes()
             count = await self.keys.preload(list(self.policy.classes))
@@ -133,6 +157,8 @@ class ProxyServer:
         if self._preload is not None:
             self._preload.cancel()
         await self.reloader.close()
+        if self.shared.audit is not None:
+            await self.shared.audit.close()
         # Closing the sockets ends each session's pump the normal way;
         # cancelling the handler tasks would make asyncio log tracebacks.
         tasks = list(self._sessions.values())

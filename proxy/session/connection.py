@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from proxy.crypto.errors import KeyNotLoaded
 from proxy.policy import Policy
 from proxy.rewrite import CommandError, RewriteContext, reveal_reply, rewrite_request
+from proxy.rewrite.rows import UserInfo, row_filter_for
 from proxy.server.topology import (
     NoPrimaryError,
     UpstreamRoute,
@@ -85,7 +86,9 @@ from proxy.session.identity import (
 )
 from proxy.session.access import COMMAND_NAME as BREAK_GLASS_COMMAND
 from proxy.session.access import BreakGlassGrants, handle_break_glass, views_with_grant
+from proxy.session.auditing import command_fields, reply_counts
 from proxy.session.keys import KeyService, key_unavailable_error
+from proxy.server.audit_trail import AuditTrail, AuditUnavailable
 from proxy.wire import (
     CHECKSUM_PRESENT,
     DuplicateKeyInCommand,
@@ -177,6 +180,8 @@ class SharedState:
         self.policy = policy
         self.generation = 0
         self.grants = BreakGlassGrants()
+        # The audit trail once it is open, None before (or without `audit` in the policy).
+        self.audit: AuditTrail | None = None
 
     def replace_policy(self, policy: Policy) -> None:
         """Put a reloaded policy in force for every connection's next command."""
@@ -235,6 +240,7 @@ class ClientSession:
         self._last_get_more_cursor: int | None = None
         self.identity = Identity(policy_roles=self._default_roles())
         self._access_stamp: tuple[int, int | None] = (state.generation, None)
+        self._pending_audit: dict | None = None
         self.context = self._new_context()
 
     # -- life cycle -------------------------------------------------------
@@ -387,6 +393,11 @@ class ClientSession:
         plan = plan_for(peek.name, peek.database, peek.collection, self.state.policy,
                         has_revealed_cursors=bool(self.revealed_cursors))
 
+        self._pending_audit = self._audit_fields(peek)
+        if self._pending_audit is not None and not self._audit_ready():
+            await self._reply_to_client(parse_header(frame).request_id, _AUDIT_DOWN_REPLY)
+            return
+
         to_send = frame
         if plan is not None:
             to_send = await self._prepare_op_msg(frame, plan)
@@ -397,9 +408,13 @@ class ClientSession:
             encode_for_leg(to_send, wire_frame, compressor, target, changed=to_send is not frame))
 
         if peek.flag_bits & MORE_TO_COME:
+            await self._audit("command", unacknowledged=True)
             return      # fire-and-forget: the server sends no reply
         client_target = self.compression.target(compressor, self.compression.client, peek.name)
         await self._relay_replies(plan, client_target, bool(peek.flag_bits & EXHAUST_ALLOWED))
+        # Replies that were not decoded (commands the proxy forwards as they are) have no
+        # counts; their record goes out here.
+        await self._audit("command")
 
     async def _prepare_op_msg(self, frame: bytes, plan: Plan) -> bytes | None:
         """Return the frame to send upstream, or None after replying to the client directly."""
@@ -448,11 +463,13 @@ class ClientSession:
             chunks = split_write(message, self.upstream_frames.max_message_size, self.max_bson_size)
         except CommandError as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
+            await self._audit("rejected", code=error.code, reason=error.message)
             await self._reply_to_client(header.request_id, error.to_reply())
             return None
 
         if len(chunks) > 1:
             await self._send_chunks(header.request_id, chunks, bool(message.flag_bits & MORE_TO_COME))
+            await self._audit("command", split_into=len(chunks))
             return None
         return encode_op_msg(message, header.request_id, header.response_to)
 
@@ -681,6 +698,8 @@ class ClientSession:
             try:
                 body = reveal_reply(message.body, self.context, unavailable_keys=unavailable)
                 self._track_cursor(body)
+                if self._pending_audit is not None:
+                    await self._audit("command", **reply_counts(self._pending_audit["command"], body))
                 return encode_op_msg(OpMsg(message.flag_bits, body, message.sequences),
                                      header.request_id, header.response_to)
             except KeyNotLoaded as missing:
@@ -746,6 +765,49 @@ class ClientSession:
         if isinstance(bson_limit, int) and bson_limit > 0:
             self.max_bson_size = bson_limit
 
+    # -- audit ------------------------------------------------------------
+
+    def _audit_fields(self, peek) -> dict | None:
+        """The audit fields of a command on a protected namespace, or None when none are due."""
+        policy = self.state.policy
+        if not policy.audit.enabled or not peek.database or not peek.collection:
+            return None
+        namespace = f"{peek.database}.{peek.collection}"
+        if policy.collection(namespace) is None:
+            return None
+        return command_fields(connection_id=self.id, peer=self.peer,
+                              user=self.identity.describe(), roles=self.identity.policy_roles,
+                              namespace=namespace, command=peek.name, policy=policy,
+                              views=self.context.views)
+
+    def _audit_ready(self) -> bool:
+        """Whether an audited command may run: always with on_failure continue."""
+        if self.state.policy.audit.on_failure != "reject":
+            return True
+        trail = self.state.shared.audit
+        if trail is not None and trail.healthy:
+            return True
+        log.warning("conn %d from %s: refused a command on a protected namespace: the audit "
+                    "trail cannot be written and audit.on_failure is reject", self.id, self.peer)
+        return False
+
+    async def _audit(self, event: str, **extra: object) -> None:
+        """Record the pending command's audit record with `extra` fields, once."""
+        fields, self._pending_audit = self._pending_audit, None
+        if fields is None:
+            return
+        await self._record(event, {**fields, **extra})
+
+    async def _record(self, event: str, fields: dict) -> None:
+        trail = self.state.shared.audit
+        if trail is None:
+            return      # not open yet, or failed to open: logged once by the server
+        try:
+            await trail.record(event, fields)
+        except AuditUnavailable as error:
+            log.warning("conn %d from %s: audit record %s not written: %s", self.id, self.peer,
+                        event, error)
+
     # -- identity ---------------------------------------------------------
 
     async def _refresh_identity(self) -> None:
@@ -806,11 +868,20 @@ class ClientSession:
         return frozenset({default}) if default else frozenset()
 
     def _new_context(self) -> RewriteContext:
-        views = self.state.policy.views_for(self.identity.policy_roles)
+        policy = self.state.policy
+        views = policy.views_for(self.identity.policy_roles)
         grant = self.state.grants.active(self._user(), _utc_now())
         self._access_stamp = (self.state.generation, grant.id if grant else None)
-        return RewriteContext(self.state.policy, self.state.keys.ring,
-                              views_with_grant(views, grant))
+        rows = None
+        if policy.row_rules:
+            user = None
+            if self.identity.users:
+                name, db = self.identity.users[0]
+                roles = tuple(f"{role}@{role_db}" for role, role_db in self.identity.mongodb_roles)
+                user = UserInfo(name, db, roles, self.identity.custom_data)
+            rows = row_filter_for(policy, self.identity.policy_roles, user)
+        return RewriteContext(policy, self.state.keys.ring, views_with_grant(views, grant),
+                              rows=rows)
 
     def _user(self) -> str | None:
         """The connection's first authenticated user as "name@db", which break-glass grants name."""
@@ -845,6 +916,10 @@ class ClientSession:
         except CommandError as error:
             log.warning("conn %d from %s: refused %s for %s: %s", self.id, self.peer,
                         BREAK_GLASS_COMMAND, self.identity.describe(), error)
+            await self._record("break_glass.refused", {
+                "connection": self.id, "client": self.peer, "user": self.identity.describe(),
+                "roles": sorted(self.identity.policy_roles), "code": error.code,
+                "reason": error.message})
             await self._reply_to_client(header.request_id, error.to_reply())
             return
 
@@ -852,6 +927,8 @@ class ClientSession:
         log.warning("conn %d from %s: break-glass %s for %s (%s minutes)", self.id, self.peer,
                     audit["action"], self.identity.describe(), audit.get("minutes", "-"))
         self.context = self._new_context()
+        await self._record(f"break_glass.{audit.pop('action')}",
+                           {"connection": self.id, "client": self.peer, **audit})
         await self._reply_to_client(header.request_id, reply)
 
     # -- output -----------------------------------------------------------
@@ -867,6 +944,14 @@ class ClientSession:
     async def _reply_to_client(self, response_to: int, body: dict) -> None:
         await self._send_to_client(encode_op_msg_reply(body, response_to=response_to,
                                                        request_id=next(_PROXY_REQUEST_IDS)))
+
+
+_AUDIT_DOWN_REPLY = {
+    "ok": 0.0, "code": 6, "codeName": "HostUnreachable",
+    "errmsg": "mongoveil cannot write the audit trail, and the policy's audit.on_failure is "
+              "reject, so commands on protected collections are refused until it can; see the "
+              "proxy log for the failing sink",
+}
 
 
 def _uses_custom_data(policy: Policy) -> bool:

@@ -73,7 +73,7 @@ def parse_connection_status(reply: dict) -> tuple[tuple[tuple[str, str], ...], t
 
 def users_info_command(user: str, db: str) -> dict:
     """The command that asks the server for one user's document, customData included."""
-    return {"usersInfo": {"user": user, "db": db}, "$db": db}
+    return {"usersInfo": {"user": user, "db": db}, "showCustomData": True, "$db": db}
 
 
 def parse_custom_data(reply: dict) -> dict:

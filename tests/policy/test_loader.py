@@ -60,7 +60,18 @@ def test_healthcare_roles():
         "billing": {"identity": View.CLEAR, "clinical": View.REDACT},
         "researcher": {"identity": View.PSEUDONYM, "clinical": View.CLEAR},
         "auditor": {"identity": View.MASK, "clinical": View.CIPHERTEXT},
+        "clerk": {"identity": View.CLEAR, "clinical": View.REDACT},
+        "nurse": {"identity": View.CLEAR, "clinical": View.DENY},
     }
+
+
+def test_healthcare_row_rules_and_break_glass():
+    policy = load_policy(HEALTHCARE_POLICY)
+    assert policy.row_rules["clerk"].owner_field == "createdBy"
+    assert set(policy.row_rules) == {"clerk"}
+    assert policy.break_glass["nurse"].views == {"clinical": View.CLEAR}
+    assert policy.break_glass["nurse"].max_minutes == 60
+    assert policy.audit.file == HEALTHCARE_POLICY.parent / "audit.jsonl"
 
 
 def test_healthcare_identity_mapping():
@@ -71,6 +82,8 @@ def test_healthcare_identity_mapping():
         (None, "billing@clinic"): ("billing",),
         (None, "researcher@clinic"): ("researcher",),
         ("auditor@admin", None): ("auditor",),
+        (None, "clerk@clinic"): ("clerk",),
+        (None, "nurse@clinic"): ("nurse",),
     }
 
 

@@ -141,9 +141,14 @@ def test_resolve_unauthenticated_constant_filter() -> None:
 
 
 def test_resolve_only_unknown_roles() -> None:
+    """A connection without a policy role is not limited by rows; its views redact every class."""
     access = row_filter_for(build_row_policy(), frozenset({"retired-role"}), ALICE)
 
-    assert access_filter(access) == NO_DOCUMENTS
+    assert access is None
+
+
+def test_resolve_no_roles() -> None:
+    assert row_filter_for(build_row_policy(), frozenset(), ALICE) is None
 
 
 def test_resolve_filter_is_copy() -> None:
