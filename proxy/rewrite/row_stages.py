@@ -204,8 +204,15 @@ class _PipelineWalk:
         foreign = _collection_namespace(options.get("from"), self.database)
         access = self._access_for(foreign)
         if access is not None:
-            restricted = restrict_filter(options.get("restrictSearchWithMatch"), access)
-            options["restrictSearchWithMatch"] = restricted
+            # restrictSearchWithMatch would carry the rule on MongoDB, but a server that
+            # ignores it (SecantusDB does) would return every row, and nothing in the reply
+            # shows which rows the rule let through.
+            raise unauthorized(
+                f"cannot use $graphLookup from {foreign} in an aggregate: the rows of that "
+                f"collection are limited by {access.describe()}, and the proxy cannot make "
+                f"sure the server applies that limit inside $graphLookup; use $lookup, which "
+                f"carries the limit in its pipeline"
+            )
 
     def _access_for(self, namespace: str | None) -> RowAccess | None:
         # Notes a read of a collection of the policy, and returns the rows to apply there.

@@ -318,4 +318,14 @@ def restrict_filter(original: object, access: RowAccess) -> object:
         return access.filter
     if type(original) is not dict:
         return original
-    return {"$and": [original, access.filter]}
+
+    # An upsert whose filter already requires the rule's own value ({createdBy: "cleo"})
+    # must not name the field twice: the server refuses to build the new document.
+    rule = access.filter
+    if all(_is_plain_value(value) for value in rule.values()) and not any(
+            key.startswith("$") for key in rule):
+        rule = {key: value for key, value in rule.items()
+                if not (key in original and original[key] == value)}
+        if not rule:
+            return original
+    return {"$and": [original, rule]}

@@ -3,9 +3,11 @@
 A reload reads and validates the whole file as `mongoveil policy check` does.
 An invalid file is logged with the same error and the old policy stays in
 force. A valid one replaces the policy for every connection's next command.
-The `keys` section is an exception: the key vault and the master keys are
-opened once at start, so a reload that changes them is refused and logged,
-and a restart applies it.
+The `keys` and `audit` sections are exceptions: the key vault, the master
+keys and the audit trail are opened once at start, so a reload that changes
+them is refused and logged, and a restart applies it. The file is read once
+it has stayed the same for one polling interval, so a file still being
+written is not read half-way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def check_reloadable(old: Policy, new: Policy) -> None:
                                                           new.key_vault):
         raise ReloadRefused("the keys section (master keys or key vault) changed; restart the "
                             "proxy to apply it")
+    if old.audit != new.audit:
+        raise ReloadRefused("the audit section changed; the audit trail is opened at start, so "
+                            "restart the proxy to apply it")
 
 
 class PolicyReloader:
@@ -86,11 +91,15 @@ class PolicyReloader:
                 pass
 
     async def _watch(self) -> None:
+        seen = self._stamp
         while True:
             await asyncio.sleep(self._poll_seconds)
             stamp = self._file_stamp()
-            if stamp != self._stamp and stamp is not None:
+            # A file still being written changes between two polls; it is read only once
+            # it stayed the same for a whole interval.
+            if stamp is not None and stamp != self._stamp and stamp == seen:
                 self.reload("file changed")
+            seen = stamp
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:

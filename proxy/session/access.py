@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,18 +93,19 @@ def handle_break_glass(
     reason or a bad number of minutes. The audit fields name the user, the roles,
     the outcome, the reason and the views, never a protected value.
     """
+    if command.get(COMMAND_NAME) in (0, False) and user is not None:
+        # Ending is always allowed, also after a reload took the permission away.
+        ended = grants.end(user)
+        reply = {"ok": 1.0, "ended": ended is not None}
+        return reply, {"user": user, "roles": sorted(roles), "action": "end",
+                       "had_grant": ended is not None}
+
     allowed = [policy.break_glass[role] for role in sorted(roles) if role in policy.break_glass]
     if user is None or not allowed:
         grants.refused_total += 1
         raise CommandError(13, "Unauthorized", (
             f"{COMMAND_NAME} is not allowed: none of this connection's policy roles "
             f"({', '.join(sorted(roles)) or 'none'}) has a break_glass entry in the policy"))
-
-    if command.get(COMMAND_NAME) in (0, False):
-        ended = grants.end(user)
-        reply = {"ok": 1.0, "ended": ended is not None}
-        return reply, {"user": user, "roles": sorted(roles), "action": "end",
-                       "had_grant": ended is not None}
 
     reason = command.get("reason")
     if not isinstance(reason, str) or not reason.strip():
@@ -116,7 +118,8 @@ def handle_break_glass(
 
     max_minutes = max(entry.max_minutes for entry in allowed)
     minutes = command.get("minutes", max_minutes)
-    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0:
+    if (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+            or not math.isfinite(minutes) or minutes <= 0):
         raise CommandError(2, "BadValue", (
             f"{COMMAND_NAME}: minutes must be a positive number, at most {max_minutes}"))
     minutes = min(int(minutes) or 1, max_minutes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from proxy.policy import Policy
 from proxy.rewrite import CommandError
 
-GUARDED_COMMANDS = frozenset({"explain", "aggregate", "renameCollection"})
+GUARDED_COMMANDS = frozenset({"explain", "aggregate", "renameCollection", "create", "collMod"})
 
 # `explain` is guarded differently: the session rewrites it when it wraps a
 # command on a protected collection (see explained_namespace). `bulkWrite` is
@@ -71,14 +71,40 @@ def _aggregate(body: dict, policy: Policy) -> CommandError | None:
 
 def _rename(body: dict, policy: Policy) -> CommandError | None:
     target = body.get("to")
-    if isinstance(target, str) and policy.collection(target):
-        source = body.get("renameCollection")
-        if not policy.collection(source if isinstance(source, str) else ""):
-            return _rejection(
-                f"renameCollection into the protected namespace {target} is rejected, because "
-                "the source collection is not encrypted; copy the documents through the proxy"
-            )
+    source = body.get("renameCollection")
+    source_policy = policy.collection(source) if isinstance(source, str) else None
+    target_policy = policy.collection(target) if isinstance(target, str) else None
+    if target_policy is not None and source_policy is None:
+        return _rejection(
+            f"renameCollection into the protected namespace {target} is rejected, because "
+            "the source collection is not encrypted; copy the documents through the proxy"
+        )
+    if source_policy is not None and (
+            target_policy is None or target_policy.fields != source_policy.fields):
+        # Out of the policy, the documents would lose their row rules, deny views and
+        # audit, and aggregates on the new name would reveal them without those.
+        return _rejection(
+            f"renameCollection of the protected collection {source} to {target} is rejected, "
+            "because the policy does not protect the target the same way; add the target "
+            "to the policy's collections first, with the same fields"
+        )
     return None
+
+
+def _view(body: dict, policy: Policy) -> CommandError | None:
+    view_on = body.get("viewOn")
+    if not isinstance(view_on, str):
+        return None
+    source = f"{body.get('$db')}.{view_on}"
+    if policy.collection(source) is None:
+        return None
+    # A view's reads arrive under the view's name, where no protected field, row
+    # rule, deny view or audit applies, while its pipeline reads the protected data.
+    return _rejection(
+        f"a view on the protected collection {source} is rejected, because reads through it "
+        "would bypass the field rewriting, row rules and audit of that collection; query "
+        "the collection itself, or add an aggregation to the application instead"
+    )
 
 
 def check_guarded_command(name: str, body: dict, policy: Policy) -> CommandError | None:
@@ -87,4 +113,6 @@ def check_guarded_command(name: str, body: dict, policy: Policy) -> CommandError
         return _aggregate(body, policy)
     if name == "renameCollection":
         return _rename(body, policy)
+    if name in ("create", "collMod"):
+        return _view(body, policy)
     return None

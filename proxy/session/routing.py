@@ -54,7 +54,7 @@ def plan_for(name: str, database: str | None, collection: str | None, policy: Po
         # may name an unprotected collection (or `$cmd.aggregate`) while
         # its batches hold protected values.
         return Plan(command_name=name, cursor_lookup=True)
-    if name in GUARDED_COMMANDS and not protected:
+    if name in GUARDED_COMMANDS and (not protected or name in ("create", "collMod")):
         return Plan(command_name=name, guard=True)
     return None
 

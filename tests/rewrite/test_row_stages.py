@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.crypto.keyring import KeyRing
+from proxy.rewrite.errors import CommandError
 from proxy.rewrite.rows import NO_DOCUMENTS
 
 from .conftest import deterministic
@@ -237,31 +238,29 @@ def test_lookup_documents_only(ring: KeyRing) -> None:
     assert sent[0]["$unionWith"]["pipeline"][1]["$lookup"]["pipeline"] == [OWNED_MATCH]
 
 
-def test_graph_lookup_restricted(ring: KeyRing) -> None:
+@pytest.mark.parametrize("options", [
+    {},
+    {"restrictSearchWithMatch": {"age": {"$gt": 3}}},
+])
+def test_graph_lookup_into_rows_rejected(ring: KeyRing, options: dict) -> None:
+    """Without proof that the server applies restrictSearchWithMatch, the stage is refused."""
+    graph = {"from": "patients", "startWith": "$ref", "connectFromField": "ref", "connectToField": "pid",
+             "as": "chain", **options}
+
+    with pytest.raises(CommandError) as caught:
+        _pipeline("visits", [{"$graphLookup": graph}], ring)
+
+    assert caught.value.code == 13
+    assert "$graphLookup" in caught.value.message and "use $lookup" in caught.value.message
+
+
+def test_graph_lookup_without_rows_passes(ring: KeyRing) -> None:
     graph = {"from": "patients", "startWith": "$ref", "connectFromField": "ref", "connectToField": "pid",
              "as": "chain"}
 
-    sent = _pipeline("visits", [{"$graphLookup": graph}], ring)
+    sent = _pipeline("visits", [{"$graphLookup": graph}], ring, roles={"doctor"})
 
-    assert sent[0]["$graphLookup"]["restrictSearchWithMatch"] == OWNED
-
-
-def test_graph_lookup_existing_match(ring: KeyRing) -> None:
-    graph = {"from": "patients", "startWith": "$ref", "connectFromField": "ref", "connectToField": "pid",
-             "restrictSearchWithMatch": {"age": {"$gt": 3}}, "as": "chain"}
-
-    sent = _pipeline("visits", [{"$graphLookup": graph}], ring)
-
-    assert sent[0]["$graphLookup"]["restrictSearchWithMatch"] == {"$and": [{"age": {"$gt": 3}}, OWNED]}
-
-
-def test_graph_lookup_protected_rule(ring: KeyRing) -> None:
-    graph = {"from": "patients", "startWith": "$ref", "connectFromField": "ref", "connectToField": "pid",
-             "as": "chain"}
-
-    sent = _pipeline("visits", [{"$graphLookup": graph}], ring, roles={"patient"})
-
-    assert sent[0]["$graphLookup"]["restrictSearchWithMatch"] == {"ssn": deterministic(ring, "999-15-6133")}
+    assert "restrictSearchWithMatch" not in sent[0]["$graphLookup"]
 
 
 def test_union_with_name(ring: KeyRing) -> None:

@@ -797,3 +797,20 @@ def test_insert_embedded_field_order(ring: KeyRing) -> None:
 
     rewritten({"insert": "patients", "documents": [{"site": {"name": "north", "floor": 2}}], "$db": "clinic"}, ctx)
     rejected({"insert": "patients", "documents": [{"site": {"floor": 2, "name": "north"}}], "$db": "clinic"}, ctx)
+
+
+def test_filter_naming_the_rule_value_is_not_repeated() -> None:
+    """An upsert filtering on its own owner value must not name the owner field twice."""
+    access = row_filter_for(build_row_policy(), frozenset({"clerk"}), ALICE)
+
+    combined = restrict_filter({"createdBy": ALICE.name, "mrn": "M-1"}, access)
+
+    assert combined == {"createdBy": ALICE.name, "mrn": "M-1"}
+
+
+def test_filter_naming_another_owner_keeps_the_rule() -> None:
+    access = row_filter_for(build_row_policy(), frozenset({"clerk"}), ALICE)
+
+    combined = restrict_filter({"createdBy": "mallory"}, access)
+
+    assert combined == {"$and": [{"createdBy": "mallory"}, access.filter]}

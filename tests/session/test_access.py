@@ -112,7 +112,7 @@ def test_reason_is_required(reason):
     assert refused.value.code == 2
 
 
-@pytest.mark.parametrize("minutes", [0, -5, "ten", True])
+@pytest.mark.parametrize("minutes", [0, -5, "ten", True, float("nan"), float("inf")])
 def test_minutes_must_be_positive(minutes):
     with pytest.raises(CommandError) as refused:
         _grant(BreakGlassGrants(), {"mongoveilBreakGlass": 1, "reason": "r", "minutes": minutes})
@@ -136,3 +136,13 @@ def test_grant_never_lowers_a_view():
     views = views_with_grant(base, grants.active("nina@clinic", NOW))
 
     assert views["clinical"] is View.CLEAR
+
+
+def test_end_is_allowed_without_the_permission():
+    """A reload may take the permission away; the user can still end a running grant."""
+    grants = BreakGlassGrants()
+    _grant(grants, {"mongoveilBreakGlass": 1, "reason": "r"})
+
+    reply, _ = _grant(grants, {"mongoveilBreakGlass": 0}, roles=frozenset({"clerk"}))
+
+    assert reply == {"ok": 1.0, "ended": True}

@@ -200,10 +200,34 @@ def test_rename_between_protected_passes(policy):
     assert check(body, policy) is None
 
 
-def test_rename_out_of_protected_passes(policy):
+def test_rename_out_of_protected_rejected(policy):
+    """Out of the policy, the documents would lose their row rules, deny views and audit."""
     body = {"renameCollection": "clinic.patients", "to": "clinic.old", "$db": "admin"}
 
-    assert check(body, policy) is None
+    error = check(body, policy)
+
+    assert error.code == 2
+    assert "renameCollection of the protected collection clinic.patients" in error.message
+
+
+@pytest.mark.parametrize("name", ["create", "collMod"])
+def test_view_on_protected_rejected(policy, name):
+    body = {name: "everyone", "viewOn": "patients", "pipeline": [], "$db": "clinic"}
+
+    error = check_guarded_command(name, body, policy)
+
+    assert error.code == 2
+    assert "a view on the protected collection clinic.patients" in error.message
+
+
+def test_view_on_unprotected_passes(policy):
+    body = {"create": "recent", "viewOn": "visits", "pipeline": [], "$db": "clinic"}
+
+    assert check_guarded_command("create", body, policy) is None
+
+
+def test_plain_create_passes(policy):
+    assert check_guarded_command("create", {"create": "visits", "$db": "clinic"}, policy) is None
 
 
 def test_rename_unprotected_passes(policy):
