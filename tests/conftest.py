@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,11 @@ from pymongo.errors import PyMongoError
 
 SECANTUSD = Path(sys.executable).parent / "secantusd-py"
 STARTUP_TIMEOUT_SECONDS = 30.0
+
+# Every `mongoveil serve` that a test starts inherits this, so its metrics listener
+# takes a free port of 127.0.0.1 instead of the default 0.0.0.0:9216, which only
+# one process can hold. A test that passes --metrics-listen overrides it.
+os.environ.setdefault("MONGOVEIL_METRICS_LISTEN", "127.0.0.1:0")
 
 
 def _free_port() -> int:

@@ -54,6 +54,13 @@ class KeyRing:
     means no limit. `clock` returns the current time in seconds and is injectable
     for tests. A key used within one operation after it expires or is evicted raises
     KeyNotLoaded, the same as a key never added.
+
+    `encryptions` and `decryptions` count the values encrypted and decrypted, by the
+    class name of the key (None for a key without one). `cache_hits` and
+    `cache_misses` count the key lookups of `encrypt`, `encrypt_for_subject`,
+    `subject_alt_name`, `pseudonym` and `decrypt`; a miss is one that raised
+    KeyNotLoaded. The counters only grow, and the metrics collector reads them. An
+    operation that the session retries after loading a key counts again.
     """
 
     def __init__(
@@ -79,6 +86,11 @@ class KeyRing:
         self._absent_names: OrderedDict[str, float] = OrderedDict()
         self._named_keys: dict[str, DataKey] = {}
         self._sub_keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
+
+        self.encryptions: dict[str | None, int] = {}
+        self.decryptions: dict[str | None, int] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def add(self, key: DataKey, *, class_key: bool = True) -> None:
         """Add a data key, replacing any key of the same id and of the same current alt names.
@@ -176,7 +188,9 @@ class KeyRing:
         Raises KeyNotLoaded(class_name=...) when that key is not loaded, and
         EncryptionError when the value cannot be encrypted with ``algorithm``.
         """
-        return encrypt_value(value, self._require_class_key(class_name), algorithm)
+        ciphertext = encrypt_value(value, self._require_class_key(class_name), algorithm)
+        self._count(self.encryptions, class_name)
+        return ciphertext
 
     def encrypt_for_subject(
         self, value: object, class_name: str, subject: object, algorithm: Algorithm,
@@ -193,11 +207,15 @@ class KeyRing:
         """
         alt_name = self.subject_alt_name(class_name, subject)
         key = self.for_name(alt_name)
+        if key is None and in_filter and self.is_absent_name(alt_name):
+            key = _NOWHERE_KEY      # a subject marked absent counts as a cache hit
         if key is None:
-            if in_filter and self.is_absent_name(alt_name):
-                return encrypt_value(value, _NOWHERE_KEY, algorithm)
+            self.cache_misses += 1
             raise KeyNotLoaded(class_name=class_name, alt_name=alt_name, create=not in_filter)
-        return encrypt_value(value, key, algorithm)
+        self.cache_hits += 1
+        ciphertext = encrypt_value(value, key, algorithm)
+        self._count(self.encryptions, class_name)
+        return ciphertext
 
     def subject_alt_name(self, class_name: str, subject: object) -> str:
         """Return the alt name of the data key of ``subject`` in a class with key_per.
@@ -227,10 +245,16 @@ class KeyRing:
         key = self.get(key_id)
         if key is None:
             if self.is_missing(key_id):
+                self.cache_hits += 1    # a key marked missing counts as a cache hit
                 raise KeyNotFound(key_id)
+            self.cache_misses += 1
             raise KeyNotLoaded(key_id=key_id)
 
-        return key.class_name, decrypt_value(binary, key)
+        self.cache_hits += 1
+        class_name = key.class_name
+        value = decrypt_value(binary, key)
+        self._count(self.decryptions, class_name)
+        return class_name, value
 
     def pseudonym(self, value: object, class_name: str) -> str:
         """Return a stable keyed token for a value of a data class.
@@ -258,8 +282,14 @@ class KeyRing:
     def _require_class_key(self, class_name: str) -> DataKey:
         key = self.for_class(class_name)
         if key is None:
+            self.cache_misses += 1
             raise KeyNotLoaded(class_name=class_name, alt_name=class_alt_name(class_name))
+        self.cache_hits += 1
         return key
+
+    @staticmethod
+    def _count(counts: dict[str | None, int], class_name: str | None) -> None:
+        counts[class_name] = counts.get(class_name, 0) + 1
 
     def _expired(self, added_at: float) -> bool:
         return self._ttl is not None and self._clock() - added_at >= self._ttl

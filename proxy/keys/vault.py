@@ -59,11 +59,16 @@ class KeyVault:
     options, so key ids decode as uuid.UUID whatever the caller configured.
     Errors of the server or the connection propagate as pymongo exceptions, and
     a master-key provider that cannot be reached raises MasterKeyUnavailable.
+
+    `provider_calls` counts the master-key provider calls by (provider kind,
+    "wrap" or "unwrap", outcome). The outcome is "ok", "invalid" (DecryptionError:
+    the wrapping is not valid for that key) or "error" (any other exception).
     """
 
     def __init__(self, collection: AsyncCollection[Any], master_keys: MasterKeys) -> None:
         self._collection = collection.with_options(codec_options=CODEC_OPTIONS)
         self.master_keys = master_keys
+        self.provider_calls: dict[tuple[str, str, str], int] = {}
 
     @property
     def collection(self) -> AsyncCollection[Any]:
@@ -94,8 +99,8 @@ class KeyVault:
 
         for provider in candidates:
             try:
-                material = await call_provider(provider, provider.unwrap,
-                                               wrapped.key_material, wrapped.master_key)
+                material = await self._call_provider(provider, provider.unwrap,
+                                                     wrapped.key_material, wrapped.master_key)
             except DecryptionError:
                 continue
             return DataKey(wrapped.id, material, wrapped.alt_names), provider
@@ -111,8 +116,36 @@ class KeyVault:
         if material is None:
             material = os.urandom(aead.KEY_SIZE)
         active = self.master_keys.active
-        wrapped = await call_provider(active, active.wrap, material)
+        wrapped = await self._call_provider(active, active.wrap, material)
         return new_key_document(wrapped, alt_names, active.master_key_document()), material
+
+    async def check_active_master_key(self, *, max_documents: int = 20) -> str:
+        """Make one provider call with the active master key; return what was checked.
+
+        The newest active key document that the active master key unwraps is
+        unwrapped, which needs the permission that reading values needs. When none
+        of the newest `max_documents` documents of that provider unwraps (or the
+        vault has none), 96 random bytes are wrapped instead and dropped. Raises
+        MasterKeyUnavailable when the provider cannot be reached or refuses,
+        KeyDocumentError for a document that breaks the schema, and pymongo errors
+        when the key vault cannot be read.
+        """
+        active = self.master_keys.active
+        query = {"masterKey.provider": active.kind, **_NOT_DISABLED}
+        cursor = self._collection.find(query, sort=[("creationDate", -1)], limit=max_documents)
+        async for doc in cursor:
+            if active not in self.master_keys.candidates(doc.get("masterKey")):
+                continue
+            wrapped = wrapped_key_from_document(doc)
+            try:
+                await self._call_provider(active, active.unwrap, wrapped.key_material,
+                                          wrapped.master_key)
+            except DecryptionError:
+                continue    # wrapped by another key of the same provider kind
+            return f"unwrapped data key {wrapped.id}"
+
+        await self._call_provider(active, active.wrap, os.urandom(aead.KEY_SIZE))
+        return "wrapped a test key (no key document of the active master key to unwrap)"
 
     async def ensure_indexes(self) -> None:
         """Create the partial unique index on keyAltNames, unless it exists.
@@ -295,9 +328,9 @@ class KeyVault:
             if provider is target:
                 continue
 
-            new_material = await call_provider(target, target.wrap, key.material)
-            check = await call_provider(target, target.unwrap, new_material,
-                                        target.master_key_document())
+            new_material = await self._call_provider(target, target.wrap, key.material)
+            check = await self._call_provider(target, target.unwrap, new_material,
+                                              target.master_key_document())
             if check != key.material:
                 raise KeyDocumentError(
                     f"key document {key.id}: master key {target.name!r} returned a wrapping "
@@ -323,6 +356,22 @@ class KeyVault:
                       "updateDate": now}},
         )
         return result.modified_count == 1
+
+    async def _call_provider(self, provider: MasterKeyProvider, method: Callable[..., _T],
+                             *args: object) -> _T:
+        """Call a provider method through `call_provider` and count it in `provider_calls`."""
+        outcome = "error"
+        try:
+            result = await call_provider(provider, method, *args)
+            outcome = "ok"
+            return result
+        except DecryptionError:
+            outcome = "invalid"
+            raise
+        finally:
+            key = (provider.kind, method.__name__, outcome)
+            self.provider_calls[key] = self.provider_calls.get(key, 0) + 1
+
 
 async def call_provider(provider: MasterKeyProvider, method: Callable[..., _T], *args: object) -> _T:
     """Call a provider method, in a worker thread when the provider blocks on the network."""

@@ -32,7 +32,8 @@ _KEY_ERROR = object()
 
 
 def reveal_reply(
-    body: dict, ctx: RewriteContext, *, unavailable_keys: Collection[uuid.UUID] = ()
+    body: dict, ctx: RewriteContext, *, unavailable_keys: Collection[uuid.UUID] = (),
+    view_counts: dict[tuple[str | None, str], int] | None = None,
 ) -> dict:
     """Replace every encrypted value in `body`, at any depth, by its view, and return `body`.
 
@@ -47,17 +48,24 @@ def reveal_reply(
 
     Raises KeyNotLoaded(key_id=...) for any other key the ring does not contain: the caller
     loads it and calls again with a fresh decode, because `body` may be partly changed.
+
+    When `view_counts` is given, each encrypted value is counted in it by (class name of its key,
+    view the client gets). The view is "ciphertext" for a value left unchanged and
+    "redact" for a removed value whose view was not redact or deny (an on_key_error of
+    redact). The class name is None when the key has none or could not be loaded.
     """
-    _Revealer(ctx, unavailable_keys).reveal_document(body)
+    _Revealer(ctx, unavailable_keys, view_counts).reveal_document(body)
     return body
 
 
 class _Revealer:
     """The walk over one reply, with the view of each key looked up once."""
 
-    def __init__(self, ctx: RewriteContext, unavailable_keys: Collection[uuid.UUID]) -> None:
+    def __init__(self, ctx: RewriteContext, unavailable_keys: Collection[uuid.UUID],
+                 view_counts: dict[tuple[str | None, str], int] | None = None) -> None:
         self._ctx = ctx
         self._unavailable_keys = unavailable_keys
+        self._view_counts = view_counts
         self._keep_last = ctx.policy.mask_keep_last
         # key id -> (class name, view); a view of None leaves the ciphertext unchanged.
         self._views: dict[uuid.UUID, tuple[str | None, View | None]] = {}
@@ -100,8 +108,24 @@ class _Revealer:
     def _reveal_value(self, ciphertext: Binary) -> object:
         key_id = ciphertext_key_id(ciphertext)
         if key_id is None:
-            return ciphertext
-        class_name, view = self._view_for(key_id, ciphertext)
+            revealed, class_name, view = ciphertext, None, None
+        else:
+            class_name, view = self._view_for(key_id, ciphertext)
+            revealed = self._apply_view(ciphertext, class_name, view)
+
+        if self._view_counts is not None:
+            if revealed is ciphertext:
+                shown_as = View.CIPHERTEXT
+            elif revealed is _REMOVE and view is not View.DENY:
+                shown_as = View.REDACT
+            else:
+                shown_as = view
+            entry = (class_name, shown_as.value)
+            self._view_counts[entry] = self._view_counts.get(entry, 0) + 1
+        return revealed
+
+    def _apply_view(self, ciphertext: Binary, class_name: str | None,
+                    view: View | None) -> object:
         if view is None or view is View.CIPHERTEXT:
             return ciphertext
         if view is View.REDACT or view is View.DENY:

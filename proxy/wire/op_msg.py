@@ -15,6 +15,7 @@ Layout after the 16-byte header, from MongoDB's OP_MSG specification:
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 import bson
@@ -49,6 +50,14 @@ _SEQUENCE_KIND = 1
 _FLAGS_OFFSET = HEADER_SIZE
 _SECTIONS_OFFSET = HEADER_SIZE + UINT32.size
 _CHECKSUM_SIZE = UINT32.size
+
+# BSON types that a reply's `ok` field has: double, boolean, int32 and int64.
+_OK_DECODERS = {
+    0x01: struct.Struct("<d"),
+    0x08: struct.Struct("<?"),
+    0x10: INT32,
+    0x12: struct.Struct("<q"),
+}
 
 
 class DocumentSequence(NamedTuple):
@@ -156,6 +165,27 @@ def peek_op_msg(frame: bytes) -> CommandPeek:
     flag_bits = _check_prefix(frame)
     sections = _find_sections(frame, flag_bits)
     return _peek_body(frame, sections, flag_bits)
+
+
+def peek_reply_ok(frame: bytes) -> bool | None:
+    """Tell whether an OP_MSG reply's body has `ok` equal to 1, reading only its top level.
+
+    Returns None when the body has no `ok` of a numeric or boolean type. Like
+    `peek_op_msg`, it decodes no nested document, so a large batch costs one walk
+    over the body's few top-level elements. Raises ProtocolError for a malformed
+    frame.
+    """
+    flag_bits = _check_prefix(frame)
+    sections = _find_sections(frame, flag_bits)
+    for type_byte, key, _, value_offset, _ in iter_elements(
+            frame, sections.body_offset, sections.body_end):
+        if key != b"ok":
+            continue
+        decoder = _OK_DECODERS.get(type_byte)
+        if decoder is None:
+            return None
+        return decoder.unpack_from(frame, value_offset)[0] == 1
+    return None
 
 
 def _check_prefix(frame: bytes) -> int:
