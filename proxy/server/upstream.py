@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.server.tls import UpstreamTLSSettings, upstream_tls_settings
+
 
 @dataclass(frozen=True)
 class UpstreamAddress:
@@ -33,15 +35,18 @@ class Upstream:
     seeds: tuple[UpstreamAddress, ...]
     replica_set: str | None
     direct: bool
+    tls: UpstreamTLSSettings | None = None     # None: plain TCP
 
     def describe(self) -> str:
         """Return the deployment for log lines, without credentials."""
         seeds = ",".join(str(seed) for seed in self.seeds)
         if self.direct:
-            return seeds
-        if self.replica_set:
-            return f"replica set {self.replica_set} (seeds {seeds})"
-        return f"the primary or a mongos of {seeds}"
+            deployment = seeds
+        elif self.replica_set:
+            deployment = f"replica set {self.replica_set} (seeds {seeds})"
+        else:
+            deployment = f"the primary or a mongos of {seeds}"
+        return deployment if self.tls is None else f"{deployment}, {self.tls.describe()}"
 
 
 def parse_upstream(uri: str) -> Upstream:
@@ -49,7 +54,9 @@ def parse_upstream(uri: str) -> Upstream:
 
     A single host without `replicaSet` is used directly, as a driver with
     `directConnection=true` would, unless the URI sets `directConnection=false`.
-    A `replicaSet` option or several hosts turn on server discovery.
+    A `replicaSet` option or several hosts turn on server discovery. The TLS
+    options (`tls`, `tlsCAFile`, `tlsCertificateKeyFile`, ...) are read as
+    pymongo reads them.
     """
     if uri.startswith("mongodb+srv://"):
         raise ValueError("--upstream: mongodb+srv:// connection strings are not supported yet; "
@@ -59,10 +66,12 @@ def parse_upstream(uri: str) -> Upstream:
     except (InvalidURI, ConfigurationError, ValueError) as error:
         raise ValueError(f"invalid --upstream connection string: {_without_credentials(str(error))}"
                          ) from None
+    except OSError:
+        # pymongo checks that the TLS files are readable, but its message names no file.
+        raise ValueError(f"--upstream: {_unreadable_tls_files(uri)}") from None
 
     options = parsed["options"]
-    if options.get("tls"):
-        raise ValueError("TLS to the upstream server is not supported yet; use a tls=false URI")
+    tls = upstream_tls_settings(options)
 
     seeds = tuple(UpstreamAddress(host, port) for host, port in parsed["nodelist"])
     replica_set = options.get("replicaSet")
@@ -72,7 +81,22 @@ def parse_upstream(uri: str) -> Upstream:
     else:
         # pymongo has already rejected directConnection=true with several hosts.
         direct = direct_option
-    return Upstream(seeds, replica_set, direct)
+    return Upstream(seeds, replica_set, direct, tls)
+
+
+def _unreadable_tls_files(uri: str) -> str:
+    """Return a message that names each TLS file option of `uri` whose file cannot be read."""
+    options = parse_uri(uri, validate=False)["options"]
+    problems = []
+    for name, value in options.items():
+        if not name.lower().startswith("tls") or not name.lower().endswith("file"):
+            continue
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as error:
+            problems.append(f"{name} {value}: {error.strerror}")
+    return "; ".join(problems) or "a TLS file of the connection string cannot be read"
 
 
 def _without_credentials(message: str) -> str:

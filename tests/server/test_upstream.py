@@ -65,9 +65,21 @@ def test_parse_srv_rejected():
         parse_upstream("mongodb+srv://cluster.example.com/")
 
 
-def test_parse_tls_rejected():
-    with pytest.raises(ValueError, match="TLS to the upstream server is not supported"):
-        parse_upstream("mongodb://a:1/?tls=true")
+def test_parse_tls_true_enables_tls():
+    upstream = parse_upstream("mongodb://a:1/?tls=true")
+
+    assert upstream.tls is not None
+    assert upstream.tls.ca_file is None
+    assert upstream.tls.allow_invalid_hostnames is False
+
+
+def test_parse_without_tls_is_plain():
+    assert parse_upstream("mongodb://a:1/").tls is None
+
+
+def test_describe_names_tls():
+    assert parse_upstream("mongodb://a:1/?tls=true").describe() == (
+        "a:1, TLS with the system's CA certificates")
 
 
 def test_address_str_ipv4():
