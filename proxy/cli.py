@@ -15,6 +15,7 @@ from proxy.session.compression import DEFAULT_COMPRESSORS
 log = logging.getLogger("mongoveil")
 
 DEFAULT_LISTEN = "127.0.0.1:27117"
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9216"
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -42,6 +43,48 @@ def _positive_seconds(text: str) -> float:
     return seconds
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive number of seconds, "
+                                         f"got {text!r}")
+    return seconds
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive whole number, got {text!r}")
+    return number
+
+
+def _metrics_listen(text: str) -> tuple[str, int] | None:
+    """Parse --metrics-listen: HOST:PORT, or 'disabled' for None."""
+    if text.strip().lower() == "disabled":
+        return None
+    try:
+        return _host_port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or 'disabled', got {text!r}") from None
+
+
+def _namespace_list(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of DB.COLL namespaces; empty text gives none."""
+    namespaces = tuple(part.strip() for part in text.split(",") if part.strip())
+    for namespace in namespaces:
+        database, dot, collection = namespace.partition(".")
+        if not database or not dot or not collection:
+            raise argparse.ArgumentTypeError(f"expected DB.COLL namespaces separated by commas, "
+                                             f"got {namespace!r}")
+    return namespaces
+
+
 def _add_yes_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true",
                         help="do not ask for confirmation (required without a terminal)")
@@ -56,27 +99,76 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="minimum level of log lines written to stderr (default: INFO)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="format of log lines: text, or json for one JSON object per line "
+                             "with time, level, logger, message, and conn and peer on lines "
+                             "about a client connection (default: text)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--listen", type=_host_port, default=DEFAULT_LISTEN,
+    serve.add_argument("--listen", type=_host_port, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                        help=f"HOST:PORT to accept MongoDB clients on (default: {DEFAULT_LISTEN})")
-    serve.add_argument("--upstream", default=os.environ.get("MONGOVEIL_UPSTREAM"),
-                       required="MONGOVEIL_UPSTREAM" not in os.environ,
+    serve.add_argument("--upstream", required=True, metavar="URI",
                        help="MongoDB connection string of the server; its credentials are "
-                            "the proxy's own account for the key vault (default: the "
+                            "the proxy's own account for the key vault (required; prefer the "
                             "MONGOVEIL_UPSTREAM environment variable, which keeps the "
                             "password out of the process list)")
-    serve.add_argument("--policy", required=True, type=Path, help="policy YAML file")
-    serve.add_argument("--advertise", default=None,
+    serve.add_argument("--policy", required=True, type=Path, metavar="FILE",
+                       help="policy YAML file (required)")
+    serve.add_argument("--advertise", default=None, metavar="HOST:PORT",
                        help="HOST:PORT that `hello` replies name as the server (default: the "
                             "address each client connected to)")
     serve.add_argument("--policy-poll", type=_positive_seconds, default=2.0, metavar="SECONDS",
                        help="how often to check the policy file for changes and reload it "
                             "(seconds, default: 2); SIGHUP reloads at once")
-    serve.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS),
-                       help="compressors offered to clients, in order of preference, or "
-                            f"'disabled' (default: {','.join(DEFAULT_COMPRESSORS)})")
+    serve.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS), metavar="LIST",
+                       help="comma-separated compressors offered to clients, in order of "
+                            "preference, or 'disabled' (default: "
+                            f"{','.join(DEFAULT_COMPRESSORS)})")
+    serve.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="YAML file of serve options, one 'name: value' line each, named "
+                            "as the options below without the leading dashes; the command "
+                            "line and MONGOVEIL_* variables override it (default: none)")
+    serve.add_argument("--drain-timeout", type=_non_negative_seconds, default=30.0,
+                       metavar="SECONDS",
+                       help="on SIGTERM or SIGINT, how long requests in flight may run before "
+                            "their connections are closed (seconds, default: 30)")
+    serve.add_argument("--max-connections", type=_non_negative_int, default=10000, metavar="N",
+                       help="maximum number of client connections open at once; more are "
+                            "closed right after accept. Each one also opens an upstream "
+                            "connection, so the process needs about 2 file descriptors per "
+                            "connection (default: 10000; 0: no limit)")
+    serve.add_argument("--idle-timeout", type=_non_negative_seconds, default=0.0,
+                       metavar="SECONDS",
+                       help="close a client connection that sends no request for this long "
+                            "(seconds, default: 0, which keeps idle connections open)")
+    # The TLS options keep mongod's names and meanings. --tlsMode is checked when
+    # the proxy starts, so an invalid mode is reported in one line like a bad file.
+    serve.add_argument("--tlsMode", default="disabled", metavar="MODE",
+                       help="TLS for client connections, as in mongod: disabled, allowTLS or "
+                            "preferTLS (TLS and plain clients on the same port), or "
+                            "requireTLS; TLS 1.2 at least (default: disabled)")
+    serve.add_argument("--tlsCertificateKeyFile", type=Path, default=None, metavar="FILE",
+                       help="PEM file with the proxy's certificate (and chain) followed by its "
+                            "unencrypted private key; required unless --tlsMode is disabled, "
+                            "and read again on SIGHUP (default: none)")
+    serve.add_argument("--tlsCAFile", type=Path, default=None, metavar="FILE",
+                       help="PEM file of the CAs that client certificates must chain to; with "
+                            "it, clients must present a certificate. Read again on SIGHUP "
+                            "(default: none, no client certificates requested)")
+    serve.add_argument("--tlsAllowConnectionsWithoutCertificates", action="store_true",
+                       help="with --tlsCAFile, also accept clients that present no "
+                            "certificate; a presented one is still verified "
+                            "(default: off)")
+    serve.add_argument("--metrics-listen", type=_metrics_listen, default=DEFAULT_METRICS_LISTEN,
+                       metavar="HOST:PORT",
+                       help="HTTP address of /metrics (Prometheus), /healthz and /readyz, or "
+                            f"'disabled' (default: {DEFAULT_METRICS_LISTEN})")
+    serve.add_argument("--metrics-namespaces", type=_namespace_list, default="",
+                       metavar="LIST",
+                       help="comma-separated DB.COLL namespaces whose requests are counted "
+                            "with a namespace label in mongoveil_requests_total; requests on "
+                            "other namespaces get none (default: none)")
 
     keys = commands.add_parser("keys", help="manage the master key and data keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -181,6 +273,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         compressors=parse_compressors(args.compressors),
         policy_poll_seconds=args.policy_poll,
+        drain_timeout_seconds=args.drain_timeout,
+        max_connections=args.max_connections,
+        idle_timeout_seconds=args.idle_timeout,
+        tls_mode=args.tlsMode,
+        tls_certificate_key_file=args.tlsCertificateKeyFile,
+        tls_ca_file=args.tlsCAFile,
+        tls_allow_connections_without_certificates=args.tlsAllowConnectionsWithoutCertificates,
+        metrics_listen=args.metrics_listen,
+        metrics_namespaces=args.metrics_namespaces,
     )
     try:
         asyncio.run(serve(config))
@@ -326,9 +427,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.log_format import configure_logging
+    from proxy.serve_config import describe_serve_options, parse_command_line
+
+    parser = _build_parser()
+    describe_serve_options(parser)
+    args, warnings = parse_command_line(parser, argv)
+    configure_logging(args.log_level, args.log_format)
+    for warning in warnings:
+        log.warning("%s", warning)
     # pymongo's debug logging of the key vault client prints whole replies,
     # wrapped data keys included; keep it out of the proxy's log.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLogger().level))

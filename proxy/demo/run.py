@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pymongo import MongoClient
 
-from proxy.demo.secantus import SecantusServer
+from proxy.demo.secantus import SecantusServer, free_port
 from proxy.demo.users import AUDITOR, BILLING, CLINICIAN, RESEARCHER, SERVICE, provision_users
 from proxy.demo.show import format_document
 
@@ -72,8 +72,9 @@ def _check_port_free(port: int) -> None:
 
 def _start_proxy(policy_path: Path, upstream: str, port: int, workdir: Path) -> subprocess.Popen:
     log_file = open(workdir / "mongoveil.log", "ab")
+    # Metrics on a free loopback port: the demo must not claim 9216 on every interface.
     command = [sys.executable, "-m", "proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
-               "--policy", str(policy_path)]
+               "--policy", str(policy_path), "--metrics-listen", f"127.0.0.1:{free_port()}"]
     # The upstream URI contains the proxy's password, so it goes through the
     # environment rather than the process list.
     environment = dict(os.environ, MONGOVEIL_UPSTREAM=upstream)

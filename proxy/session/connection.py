@@ -43,12 +43,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
+import time
 import traceback
 import uuid
 import datetime
 from dataclasses import dataclass
 
 from proxy.crypto.errors import KeyNotLoaded
+from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.rewrite import CommandError, RewriteContext, reveal_reply, rewrite_request
 from proxy.rewrite.rows import UserInfo, row_filter_for
@@ -59,6 +62,7 @@ from proxy.server.topology import (
     not_primary_code,
     reply_not_primary_code,
 )
+from proxy.server.tls import ReloadableContext, describe_tls_error, upstream_connection_options
 from proxy.server.upstream import UpstreamAddress
 from proxy.session.guards import check_guarded_command, explained_namespace
 from proxy.session.routing import Plan, explained_command, plan_for
@@ -88,6 +92,7 @@ from proxy.session.access import COMMAND_NAME as BREAK_GLASS_COMMAND
 from proxy.session.access import BreakGlassGrants, handle_break_glass, views_with_grant
 from proxy.session.auditing import command_fields, reply_counts
 from proxy.session.keys import KeyService, key_unavailable_error
+from proxy.session.metering import RequestMeter
 from proxy.server.audit_trail import AuditTrail, AuditUnavailable
 from proxy.wire import (
     CHECKSUM_PRESENT,
@@ -176,10 +181,11 @@ class SharedState:
     connection recomputes its roles and views before its next command.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, metrics: Metrics | None = None) -> None:
         self.policy = policy
         self.generation = 0
         self.grants = BreakGlassGrants()
+        self.metrics = metrics if metrics is not None else Metrics()
         # The audit trail once it is open, None before (or without `audit` in the policy).
         self.audit: AuditTrail | None = None
 
@@ -195,12 +201,14 @@ class ProxyState:
     def __init__(self, policy: Policy, keys: KeyService, upstream: UpstreamRoute,
                  advertised_address: str,
                  compressors: tuple[str, ...] = DEFAULT_COMPRESSORS,
-                 shared: SharedState | None = None) -> None:
+                 shared: SharedState | None = None,
+                 upstream_tls: ReloadableContext | None = None) -> None:
         self.shared = shared if shared is not None else SharedState(policy)
         self.keys = keys
         self.upstream = upstream
         self.advertised_address = advertised_address
         self.compressors = compressors
+        self.upstream_tls = upstream_tls      # None: plain TCP to the upstream
 
     @property
     def policy(self) -> Policy:
@@ -213,6 +221,10 @@ class ProxyState:
     @property
     def grants(self) -> BreakGlassGrants:
         return self.shared.grants
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.shared.metrics
 
 
 class ClientSession:
@@ -234,6 +246,11 @@ class ClientSession:
         self.max_bson_size = DEFAULT_MAX_BSON_SIZE
         self.stmt_ids_accepted = True
         self._aborted = False
+        # Read by the server's drain and idle timeout (proxy.server.lifecycle).
+        self.handling_request = False   # from a whole request frame read until its last reply
+        self.handling_hello = False     # the request being handled is a hello
+        self.last_request_at = time.monotonic()
+        self._close_after_request = False
         # Ids of cursors whose batches are revealed even though their
         # namespace is not protected (aggregate with $lookup, bulkWrite).
         self.revealed_cursors: set[int] = set()
@@ -242,17 +259,28 @@ class ClientSession:
         self._access_stamp: tuple[int, int | None] = (state.generation, None)
         self._pending_audit: dict | None = None
         self.context = self._new_context()
+        self.metrics = state.metrics
+        # Replaced for every request that the pump reads.
+        self.meter = RequestMeter(self.metrics)
 
     # -- life cycle -------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the client until either side closes or sends something invalid."""
         log.info("conn %d from %s: opened", self.id, self.peer)
+        self.metrics.accepted_connections.inc()
+        self.metrics.client_connections.inc()
         try:
             await self._connect_upstream()
-            while True:
+            while not self._close_after_request:
                 frame = await self._read_frame(self.client_reader, self.client_frames)
-                await self._handle_request(frame)
+                self._start_request()
+                self.meter = RequestMeter(self.metrics)
+                try:
+                    await self._handle_request(frame)
+                finally:
+                    self.meter.finish()
+                    self._finish_request()
         except UpstreamNotPrimary as error:
             self.state.upstream.mark_suspect(self.upstream_address)
             log.warning("conn %d from %s: upstream %s %s; closing the connection so that the "
@@ -281,6 +309,7 @@ class ClientSession:
                       self.id, self.peer, type(error).__name__,
                       "".join(traceback.format_tb(error.__traceback__)))
         finally:
+            self.metrics.client_connections.dec()
             await self._close()
             log.info("conn %d from %s: closed", self.id, self.peer)
 
@@ -291,12 +320,50 @@ class ClientSession:
             if writer is not None:
                 writer.close()
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether part of a request has arrived and its last reply is not sent, hello aside."""
+        if self.client_frames.pending_bytes:
+            return True
+        return self.handling_request and not self.handling_hello
+
+    def idle_seconds(self, now: float) -> float:
+        """Return how long the client has sent no request, at `now` from time.monotonic()."""
+        if self.handling_request or self.client_frames.pending_bytes:
+            return 0.0
+        return now - self.last_request_at
+
+    def close_after_request(self) -> bool:
+        """Close the connection after the last reply to its request in flight, or now without one.
+
+        Returns whether a request was in flight.
+        """
+        if not self.in_flight:
+            self.abort()
+            return False
+        self._close_after_request = True
+        return True
+
+    def _start_request(self) -> None:
+        self.handling_request = True
+        self.handling_hello = False
+        self.last_request_at = time.monotonic()
+
+    def _finish_request(self) -> None:
+        self.handling_request = False
+        self.last_request_at = time.monotonic()
+        if self._close_after_request:
+            log.info("conn %d from %s: request finished while the proxy is stopping; closing "
+                     "the connection", self.id, self.peer)
+
     async def _connect_upstream(self) -> None:
         try:
             self.upstream_address = await self.state.upstream.select()
         except NoPrimaryError as error:
             log.error("conn %d from %s: %s; replying HostUnreachable to the first request "
                       "and closing the connection", self.id, self.peer, error)
+            self.metrics.upstream_connect_errors.labels("no_primary").inc()
+            self.metrics.count_rejection("no_primary")
             await self._reject_first_request(CommandError(
                 6, "HostUnreachable",
                 "mongoveil found no primary in its upstream deployment (an election may be in "
@@ -307,12 +374,25 @@ class ClientSession:
         address = self.upstream_address
         try:
             self.upstream_reader, self.upstream_writer = await asyncio.open_connection(
-                address.host, address.port
+                address.host, address.port,
+                **upstream_connection_options(self.state.upstream_tls, address.host),
             )
         except OSError as error:
+            tls_failed = isinstance(error, ssl.SSLError)
+            reason = f"TLS handshake failed: {describe_tls_error(error)}" if tls_failed else error
             log.error("conn %d from %s: cannot connect upstream to %s: %s", self.id, self.peer,
-                      address, error)
+                      address, reason)
+            self.metrics.upstream_connect_errors.labels(
+                "tls" if tls_failed else "connection_failed").inc()
+            if tls_failed:
+                # The driver reports this reply; a bare close would read as a network error.
+                await self._reject_first_request(CommandError(
+                    6, "HostUnreachable",
+                    f"mongoveil cannot connect to its upstream server: {reason}; see the "
+                    "proxy's log and the TLS options of its --upstream connection string",
+                ))
             raise ConnectionClosed from error
+        self.metrics.upstream_connections.inc()
         log.debug("conn %d from %s: connected upstream to %s", self.id, self.peer, address)
 
     async def _reject_first_request(self, error: CommandError) -> None:
@@ -336,6 +416,8 @@ class ClientSession:
             ))
 
     async def _close(self) -> None:
+        if self.upstream_writer is not None:
+            self.metrics.upstream_connections.dec()
         for writer in (self.client_writer, self.upstream_writer):
             if writer is None:
                 continue
@@ -351,8 +433,10 @@ class ClientSession:
             if frame is not None:
                 return frame
             data = await reader.read(65536)
+            from_upstream = reader is self.upstream_reader
             if not data:
-                raise UpstreamClosed if reader is self.upstream_reader else ConnectionClosed
+                raise UpstreamClosed if from_upstream else ConnectionClosed
+            self.metrics.count_received("upstream" if from_upstream else "client", len(data))
             frames.feed(data)
 
     # -- requests ---------------------------------------------------------
@@ -375,6 +459,7 @@ class ClientSession:
             peek = peek_op_msg(frame)
         except RepeatedCommandField as error:
             log.info("conn %d from %s: rejected a command: %s", self.id, self.peer, error)
+            self.meter.reject("duplicate_field")
             await self._reply_to_client(parse_header(frame).request_id, {
                 "ok": 0.0, "code": DuplicateKeyInCommand.code,
                 "codeName": DuplicateKeyInCommand.code_name,
@@ -386,6 +471,9 @@ class ClientSession:
             # Checked here even for frames forwarded unchanged: a server that
             # skips the check would otherwise act on a corrupted command.
             verify_checksum(frame)
+        self.meter.identify(peek.name, peek.database, peek.collection)
+        # A driver's monitoring hello may wait for a topology change; a drain does not wait for it.
+        self.handling_hello = peek.name in HANDSHAKE_COMMANDS
         self._refresh_access()
         if peek.name == BREAK_GLASS_COMMAND:
             await self._break_glass(frame)
@@ -395,6 +483,7 @@ class ClientSession:
 
         self._pending_audit = self._audit_fields(peek)
         if self._pending_audit is not None and not self._audit_ready():
+            self.meter.reject("audit_unavailable")
             await self._reply_to_client(parse_header(frame).request_id, _AUDIT_DOWN_REPLY)
             return
 
@@ -406,8 +495,10 @@ class ClientSession:
         target = self.compression.target(compressor, self.compression.upstream, peek.name)
         await self._send_upstream(
             encode_for_leg(to_send, wire_frame, compressor, target, changed=to_send is not frame))
+        self.metrics.count_frame("request", rewritten=to_send is not frame)
 
         if peek.flag_bits & MORE_TO_COME:
+            self.meter.unacknowledged()
             await self._audit("command", unacknowledged=True)
             return      # fire-and-forget: the server sends no reply
         client_target = self.compression.target(compressor, self.compression.client, peek.name)
@@ -425,10 +516,18 @@ class ClientSession:
             check_op_msg_duplicates(frame, max_depth=_MAX_COMMAND_DEPTH)
         except DuplicateKeyInCommand as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
+            self.meter.reject("duplicate_field")
+            await self._audit("rejected", code=error.code, reason=str(error))
             await self._reply_to_client(header.request_id, {
                 "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
             return None
         message = parse_op_msg(frame)
+        if plan.command_name == "bulkWrite" and self._pending_audit is None:
+            self._pending_audit = self._bulk_write_audit_fields(message)
+            if self._pending_audit is not None and not self._audit_ready():
+                self._pending_audit = None
+                await self._reply_to_client(header.request_id, _AUDIT_DOWN_REPLY)
+                return None
 
         if plan.handshake:
             plan.hello_command = message.body
@@ -463,13 +562,13 @@ class ClientSession:
             chunks = split_write(message, self.upstream_frames.max_message_size, self.max_bson_size)
         except CommandError as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
+            self.meter.reject_code(error.code)
             await self._audit("rejected", code=error.code, reason=error.message)
             await self._reply_to_client(header.request_id, error.to_reply())
             return None
 
         if len(chunks) > 1:
             await self._send_chunks(header.request_id, chunks, bool(message.flag_bits & MORE_TO_COME))
-            await self._audit("command", split_into=len(chunks))
             return None
         return encode_op_msg(message, header.request_id, header.response_to)
 
@@ -503,9 +602,11 @@ class ClientSession:
             return
         merge = merge_bulk_write_replies if bulk_write else merge_write_replies
         merged = merge(replies, offsets[:len(replies)])
+        self.meter.reply_body(merged)
         reply_frame = encode_op_msg_reply(merged, response_to=request_id,
                                           request_id=next(_PROXY_REQUEST_IDS))
         await self._send_to_client(await self._reveal(reply_frame))
+        self.metrics.count_frame("reply", rewritten=True)
         for reply in replies:
             self._check_still_primary(not_primary_code(reply))
 
@@ -522,7 +623,9 @@ class ClientSession:
         while True:
             more_to_come = bool(chunk.flag_bits & MORE_TO_COME)
             await self._send_upstream(encode_op_msg(chunk, next(_PROXY_REQUEST_IDS), 0))
+            self.metrics.count_frame("request", rewritten=True)
             if more_to_come:
+                self.meter.unacknowledged()
                 return None
 
             wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
@@ -567,6 +670,7 @@ class ClientSession:
             return frame
 
         log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, name, error)
+        self.meter.reject_code(error.code)
         await self._reply_to_client(parse_header(frame).request_id, error.to_reply())
         return None
 
@@ -574,6 +678,7 @@ class ClientSession:
         """Reply to a legacy opcode with an error instead of forwarding it around the policy."""
         name = _LEGACY_OPCODE_NAMES.get(header.op_code, f"opcode {header.op_code}")
         log.info("conn %d from %s: rejected legacy %s", self.id, self.peer, name)
+        self.meter.reject("legacy_opcode")
         error = CommandError(
             5739101, "UnsupportedOpcode",
             f"{name} is not supported through mongoveil (removed from MongoDB in version 5.1); "
@@ -590,8 +695,10 @@ class ClientSession:
         query = parse_op_query(frame)
         command_name = next(iter(query.query), "")
         is_command = query.full_collection_name.endswith(".$cmd")
+        self.meter.identify(command_name)
 
         if not (is_command and command_name in HANDSHAKE_COMMANDS):
+            self.meter.reject("legacy_opcode")
             await self._send_to_client(encode_op_reply(
                 [CommandError(
                     352, "UnsupportedOpQueryCommand",
@@ -604,11 +711,13 @@ class ClientSession:
             return
 
         await self._send_upstream(frame)
+        self.metrics.count_frame("request", rewritten=False)
 
         reply_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
         reply_header = parse_header(reply_frame)
         reply = parse_op_reply(reply_frame)
         if reply.documents:
+            self.meter.reply_body(reply.documents[0])
             self._check_hello_from_primary(reply.documents[0])
             self._note_limits(reply.documents[0])
             rewrite_hello_reply(reply.documents[0], self.state.advertised_address,
@@ -621,6 +730,7 @@ class ClientSession:
             request_id=reply_header.request_id, cursor_id=reply.cursor_id,
             flags=reply.response_flags, starting_from=reply.starting_from,
         ))
+        self.metrics.count_frame("reply", rewritten=True)
         if reply.documents:
             self._check_still_primary(not_primary_code(reply.documents[0]))
 
@@ -640,6 +750,8 @@ class ClientSession:
             if (plan is None and not exhaust and not self.state.upstream.follows_elections
                     and _compressed_with(wire_frame, client_target)):
                 await self._send_to_client(wire_frame)
+                self.meter.reply_frame(None)
+                self.metrics.count_frame("reply", rewritten=False)
                 return
 
             frame, arrived = unwrap_frame(
@@ -649,10 +761,12 @@ class ClientSession:
                 raise ProtocolError(f"upstream sent opcode {header.op_code} in reply to OP_MSG")
 
             more_to_come = exhaust and peek_op_msg(frame).flag_bits & MORE_TO_COME
+            self.meter.reply_frame(frame)
             to_send = frame if plan is None else await self._rewrite_reply(frame, plan)
             await self._send_to_client(
                 encode_for_leg(to_send, wire_frame, arrived, client_target,
                                changed=to_send is not frame))
+            self.metrics.count_frame("reply", rewritten=to_send is not frame)
             if self.state.upstream.follows_elections:
                 self._check_still_primary(reply_not_primary_code(frame))
 
@@ -695,8 +809,11 @@ class ClientSession:
         loaded: set[uuid.UUID] = set()
         while True:
             message = parse_op_msg(frame)
+            view_counts: dict[tuple[str | None, str], int] = {}
             try:
-                body = reveal_reply(message.body, self.context, unavailable_keys=unavailable)
+                body = reveal_reply(message.body, self.context, unavailable_keys=unavailable,
+                                    view_counts=view_counts)
+                self.metrics.count_reply_values(view_counts, self.state.policy.classes)
                 self._track_cursor(body)
                 if self._pending_audit is not None:
                     await self._audit("command", **reply_counts(self._pending_audit["command"], body))
@@ -779,6 +896,27 @@ class ClientSession:
                               user=self.identity.describe(), roles=self.identity.policy_roles,
                               namespace=namespace, command=peek.name, policy=policy,
                               views=self.context.views)
+
+    def _bulk_write_audit_fields(self, message: OpMsg) -> dict | None:
+        """The audit fields of a bulkWrite that touches protected namespaces, which nsInfo names."""
+        policy = self.state.policy
+        if not policy.audit.enabled:
+            return None
+        entries = message.body.get("nsInfo")
+        if not isinstance(entries, list):
+            entries = next((sequence.documents for sequence in message.sequences
+                            if sequence.identifier == "nsInfo"), [])
+        protected = sorted({entry["ns"] for entry in entries
+                            if isinstance(entry, dict) and isinstance(entry.get("ns"), str)
+                            and policy.collection(entry["ns"]) is not None})
+        if not protected:
+            return None
+        fields = command_fields(connection_id=self.id, peer=self.peer,
+                                user=self.identity.describe(), roles=self.identity.policy_roles,
+                                namespace=protected[0], command="bulkWrite", policy=policy,
+                                views=self.context.views)
+        fields["namespaces"] = protected
+        return fields
 
     def _audit_ready(self) -> bool:
         """Whether an audited command may run: always with on_failure continue."""
@@ -916,6 +1054,7 @@ class ClientSession:
         except CommandError as error:
             log.warning("conn %d from %s: refused %s for %s: %s", self.id, self.peer,
                         BREAK_GLASS_COMMAND, self.identity.describe(), error)
+            self.meter.reject("break_glass")
             await self._record("break_glass.refused", {
                 "connection": self.id, "client": self.peer, "user": self.identity.describe(),
                 "roles": sorted(self.identity.policy_roles), "code": error.code,
@@ -929,16 +1068,19 @@ class ClientSession:
         self.context = self._new_context()
         await self._record(f"break_glass.{audit.pop('action')}",
                            {"connection": self.id, "client": self.peer, **audit})
+        self.meter.reply_body(reply)
         await self._reply_to_client(header.request_id, reply)
 
     # -- output -----------------------------------------------------------
 
     async def _send_upstream(self, frame: bytes) -> None:
         self.upstream_writer.write(frame)
+        self.metrics.count_sent("upstream", len(frame))
         await self.upstream_writer.drain()
 
     async def _send_to_client(self, frame: bytes) -> None:
         self.client_writer.write(frame)
+        self.metrics.count_sent("client", len(frame))
         await self.client_writer.drain()
 
     async def _reply_to_client(self, response_to: int, body: dict) -> None:
