@@ -25,7 +25,16 @@ from pathlib import Path
 from pymongo import MongoClient
 
 from proxy.demo.secantus import SecantusServer, free_port
-from proxy.demo.users import AUDITOR, BILLING, CLINICIAN, RESEARCHER, SERVICE, provision_users
+from proxy.demo.users import (
+    AUDITOR,
+    BILLING,
+    CLERK,
+    CLINICIAN,
+    NURSE,
+    RESEARCHER,
+    SERVICE,
+    provision_users,
+)
 from proxy.demo.show import format_document
 
 log = logging.getLogger(__name__)
@@ -166,6 +175,9 @@ def _wait_for_ctrl_c(proxy_address: str, ssn: str) -> None:
     for user in (CLINICIAN, BILLING, RESEARCHER, AUDITOR):
         print(f"  mongosh '{user.uri(proxy_address)}'")
     print(f"  then: db.patients.findOne({{ssn: '{ssn}'}})")
+    print(f"  as {CLERK.name} ({CLERK.description}):\n    mongosh '{CLERK.uri(proxy_address)}'")
+    print(f"  as {NURSE.name} ({NURSE.description}):\n    mongosh '{NURSE.uri(proxy_address)}'")
+    print("    then: db.runCommand({mongoveilBreakGlass: 1, reason: 'demo', minutes: 5})")
     print("Press Ctrl-C to stop.")
     while True:
         time.sleep(3600)

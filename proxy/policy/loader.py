@@ -79,6 +79,8 @@ class _PolicyParser(MasterKeysParser, AccessParser):
         identity = self.parse_identity(top.get("identity"), roles)
         default_role = self.parse_default_role(top.get("default_role"), roles)
         audit = self.parse_audit(top.get("audit"))
+        self.check_audit_collection(audit, key_vault, collections)
+        self.check_row_fields(row_rules, collections)
 
         return Policy(
             source=self.source,
@@ -128,6 +130,37 @@ class _PolicyParser(MasterKeysParser, AccessParser):
         on_failure = self.choice(audit.get("on_failure", "continue"), "audit.on_failure",
                                  ("continue", "reject"), "setting")
         return AuditSettings(file=file, collection=collection, on_failure=on_failure)
+
+    def check_audit_collection(
+        self, audit: AuditSettings, key_vault: str, collections: dict[str, CollectionPolicy]
+    ) -> None:
+        """Keep audit records out of the key vault and out of protected collections."""
+        if audit.collection is None:
+            return
+        if audit.collection == key_vault:
+            self.fail("audit.collection", "the key vault (keys.key_vault) cannot hold audit "
+                                          "records; name a collection of its own, for example "
+                                          "audit.events")
+        if audit.collection in collections:
+            self.fail("audit.collection", f"{audit.collection} is a protected collection; audit "
+                                          "records need a collection of their own")
+
+    def check_row_fields(
+        self, row_rules: dict[str, RowRule], collections: dict[str, CollectionPolicy]
+    ) -> None:
+        """Reject a row rule on a randomly encrypted field, which no filter can compare."""
+        for role, rule in row_rules.items():
+            fields = ([rule.owner_field] if rule.owner_field is not None
+                      else [key for key in rule.filter if not key.startswith("$")])
+            for field in fields:
+                for namespace, collection in collections.items():
+                    protected = collection.rule_for(field)
+                    if protected is not None and not protected.deterministic:
+                        self.fail(
+                            child_path(child_path("roles", role), "rows"),
+                            f"{field!r} is encrypted with the random algorithm in {namespace}, "
+                            "so no filter can compare it; use an unprotected field or a "
+                            "deterministic one")
 
     def parse_key_cache(self, value: object, classes: tuple[str, ...]) -> KeyCacheSettings:
         """Return the limits of the data key cache, checked against the declared classes."""

@@ -32,10 +32,10 @@ class ReloadRefused(Exception):
 
 def check_reloadable(old: Policy, new: Policy) -> None:
     """Raise ReloadRefused when `new` changes what only a restart can apply."""
-    if (old.master_keys, old.master_key, old.key_vault) != (new.master_keys, new.master_key,
-                                                          new.key_vault):
-        raise ReloadRefused("the keys section (master keys or key vault) changed; restart the "
-                            "proxy to apply it")
+    if ((old.master_keys, old.master_key, old.key_vault, old.key_cache)
+            != (new.master_keys, new.master_key, new.key_vault, new.key_cache)):
+        raise ReloadRefused("the keys section (master keys, key vault or key cache) changed; "
+                            "restart the proxy to apply it")
     if old.audit != new.audit:
         raise ReloadRefused("the audit section changed; the audit trail is opened at start, so "
                             "restart the proxy to apply it")

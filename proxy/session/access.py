@@ -10,6 +10,7 @@ command never reaches the server.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import math
@@ -70,6 +71,32 @@ class BreakGlassGrants:
     def end(self, user: str) -> Grant | None:
         with self._lock:
             return self._grants.pop(user, None)
+
+    def revalidate(self, policy: Policy) -> list[Grant]:
+        """Bring running grants in line with a reloaded policy; return those it ended.
+
+        A grant whose roles no longer allow break-glass ends at once. The others keep
+        only the classes their roles still grant, and end no later than the new
+        max_minutes after they started.
+        """
+        ended = []
+        with self._lock:
+            for user, grant in list(self._grants.items()):
+                allowed = [policy.break_glass[role] for role in grant.roles
+                           if role in policy.break_glass]
+                if not allowed:
+                    ended.append(self._grants.pop(user))
+                    continue
+                views = {name: view for name, view in grant.views.items()
+                         if any(name in entry.views for entry in allowed)}
+                started = grant.expires_at - datetime.timedelta(minutes=grant.minutes)
+                limit = started + datetime.timedelta(
+                    minutes=max(entry.max_minutes for entry in allowed))
+                if views != dict(grant.views) or limit < grant.expires_at:
+                    self._grants[user] = dataclasses.replace(
+                        grant, id=next(_grant_ids), views=views,
+                        expires_at=min(grant.expires_at, limit))
+        return ended
 
 
 def views_with_grant(base: dict[str, View], grant: Grant | None) -> dict[str, View]:

@@ -60,7 +60,20 @@ def reply_counts(command: str, reply: dict) -> dict[str, object]:
     if command == "findAndModify":
         return {"ok": True, "changed": 0 if reply.get("value") is None else 1}
     if isinstance(reply.get("n"), int):
-        if command in WRITE_COMMANDS:
-            return {"ok": True, "changed": reply.get("nModified", reply["n"])}
-        return {"ok": True, "counted": reply["n"]}
+        if command not in WRITE_COMMANDS:
+            return {"ok": True, "counted": reply["n"]}
+        counts: dict[str, object] = {"ok": True, "changed": reply["n"]}
+        if "nModified" in reply:
+            # n counts matched and upserted documents; what changed is modified plus upserted.
+            upserted = reply.get("upserted")
+            counts["changed"] = reply["nModified"] + (len(upserted) if isinstance(upserted, list)
+                                                      else 0)
+        write_errors = reply.get("writeErrors")
+        if isinstance(write_errors, list) and write_errors:
+            # An ok: 1 reply can still carry failed statements; codes only, never messages.
+            counts["ok"] = False
+            counts["write_errors"] = len(write_errors)
+            counts["code"] = write_errors[0].get("code") if isinstance(write_errors[0], dict) \
+                else None
+        return counts
     return {"ok": True}

@@ -64,7 +64,7 @@ from proxy.server.topology import (
 )
 from proxy.server.tls import ReloadableContext, describe_tls_error, upstream_connection_options
 from proxy.server.upstream import UpstreamAddress
-from proxy.session.guards import check_guarded_command, explained_namespace
+from proxy.session.guards import check_guarded_command, explained_namespace, guarded_namespaces
 from proxy.session.routing import Plan, explained_command, plan_for
 from proxy.session.batches import (
     chunk_offsets,
@@ -190,9 +190,15 @@ class SharedState:
         self.audit: AuditTrail | None = None
 
     def replace_policy(self, policy: Policy) -> None:
-        """Put a reloaded policy in force for every connection's next command."""
+        """Put a reloaded policy in force for every connection's next command.
+
+        Break-glass grants the new policy no longer allows end now.
+        """
         self.policy = policy
         self.generation += 1
+        for grant in self.grants.revalidate(policy):
+            log.warning("break-glass grant of %s ended: the reloaded policy no longer allows it",
+                        grant.user)
 
 
 class ProxyState:
@@ -522,8 +528,10 @@ class ClientSession:
                 "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
             return None
         message = parse_op_msg(frame)
-        if plan.command_name == "bulkWrite" and self._pending_audit is None:
-            self._pending_audit = self._bulk_write_audit_fields(message)
+        if self._pending_audit is None and self.state.policy.audit.enabled:
+            # Commands named after an unprotected collection (or none) that still read or
+            # change protected ones: bulkWrite, joins, views, renames, explain.
+            self._pending_audit = self._reached_audit_fields(plan.command_name, message)
             if self._pending_audit is not None and not self._audit_ready():
                 self._pending_audit = None
                 await self._reply_to_client(header.request_id, _AUDIT_DOWN_REPLY)
@@ -671,6 +679,7 @@ class ClientSession:
 
         log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, name, error)
         self.meter.reject_code(error.code)
+        await self._audit("rejected", code=error.code, reason=error.message)
         await self._reply_to_client(parse_header(frame).request_id, error.to_reply())
         return None
 
@@ -897,25 +906,29 @@ class ClientSession:
                               namespace=namespace, command=peek.name, policy=policy,
                               views=self.context.views)
 
-    def _bulk_write_audit_fields(self, message: OpMsg) -> dict | None:
-        """The audit fields of a bulkWrite that touches protected namespaces, which nsInfo names."""
+    def _reached_audit_fields(self, name: str, message: OpMsg) -> dict | None:
+        """The audit fields of a command that reaches protected namespaces other than its own."""
         policy = self.state.policy
-        if not policy.audit.enabled:
-            return None
-        entries = message.body.get("nsInfo")
-        if not isinstance(entries, list):
-            entries = next((sequence.documents for sequence in message.sequences
-                            if sequence.identifier == "nsInfo"), [])
-        protected = sorted({entry["ns"] for entry in entries
-                            if isinstance(entry, dict) and isinstance(entry.get("ns"), str)
-                            and policy.collection(entry["ns"]) is not None})
-        if not protected:
+        if name == "bulkWrite":
+            entries = message.body.get("nsInfo")
+            if not isinstance(entries, list):
+                entries = next((sequence.documents for sequence in message.sequences
+                                if sequence.identifier == "nsInfo"), [])
+            reached = sorted({entry["ns"] for entry in entries
+                              if isinstance(entry, dict) and isinstance(entry.get("ns"), str)
+                              and policy.collection(entry["ns"]) is not None})
+        elif name == "explain":
+            namespace = explained_namespace(message.body)
+            reached = [namespace] if namespace and policy.collection(namespace) else []
+        else:
+            reached = guarded_namespaces(name, message.body, policy)
+        if not reached:
             return None
         fields = command_fields(connection_id=self.id, peer=self.peer,
                                 user=self.identity.describe(), roles=self.identity.policy_roles,
-                                namespace=protected[0], command="bulkWrite", policy=policy,
+                                namespace=reached[0], command=name, policy=policy,
                                 views=self.context.views)
-        fields["namespaces"] = protected
+        fields["namespaces"] = reached
         return fields
 
     def _audit_ready(self) -> bool:

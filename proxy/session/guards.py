@@ -91,19 +91,67 @@ def _rename(body: dict, policy: Policy) -> CommandError | None:
     return None
 
 
+def pipeline_namespaces(pipeline: object, database: str) -> set[str]:
+    """Return every namespace a pipeline names, in any stage at any depth.
+
+    `$lookup` and `$graphLookup` name theirs with `from`, `$unionWith` with a string
+    or `coll`, `$out` and `$merge` with a string or `into`/`coll` and an optional
+    `db`. Sub-pipelines (`$facet`, `$lookup`, `$unionWith`) are searched too.
+    """
+    found: set[str] = set()
+
+    def visit(node: object) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in ("from", "coll", "$unionWith", "$out", "into") and isinstance(value, str):
+                found.add(f"{node.get('db', database)}.{value}" if key != "$unionWith"
+                          else f"{database}.{value}")
+            elif key in ("from", "coll", "$out", "into") and isinstance(value, dict):
+                if isinstance(value.get("coll"), str):
+                    found.add(f"{value.get('db', database)}.{value['coll']}")
+            visit(value)
+
+    visit(pipeline)
+    return found
+
+
+def guarded_namespaces(name: str, body: dict, policy: Policy) -> list[str]:
+    """Return the protected namespaces a guarded command reaches, for its audit record."""
+    database = body.get("$db")
+    names: set[str] = set()
+    if name == "renameCollection":
+        names = {value for value in (body.get("renameCollection"), body.get("to"))
+                 if isinstance(value, str)}
+    elif name in ("create", "collMod"):
+        if isinstance(body.get("viewOn"), str):
+            names = {f"{database}.{body['viewOn']}"}
+        names |= pipeline_namespaces(body.get("pipeline"), database)
+    elif name == "aggregate":
+        names = pipeline_namespaces(body.get("pipeline"), database)
+    return sorted(namespace for namespace in names if policy.collection(namespace))
+
+
 def _view(body: dict, policy: Policy) -> CommandError | None:
-    view_on = body.get("viewOn")
-    if not isinstance(view_on, str):
-        return None
-    source = f"{body.get('$db')}.{view_on}"
-    if policy.collection(source) is None:
+    database = body.get("$db")
+    reached = []
+    if isinstance(body.get("viewOn"), str):
+        reached.append(f"{database}.{body['viewOn']}")
+    reached += sorted(pipeline_namespaces(body.get("pipeline"), database))
+    protected = [namespace for namespace in reached if policy.collection(namespace)]
+    if not protected:
         return None
     # A view's reads arrive under the view's name, where no protected field, row
     # rule, deny view or audit applies, while its pipeline reads the protected data.
     return _rejection(
-        f"a view on the protected collection {source} is rejected, because reads through it "
-        "would bypass the field rewriting, row rules and audit of that collection; query "
-        "the collection itself, or add an aggregation to the application instead"
+        f"a view that reads the protected collection {protected[0]} is rejected, because "
+        "reads through it would bypass the field rewriting, row rules and audit of that "
+        "collection; query the collection itself, or add an aggregation to the application "
+        "instead"
     )
 
 

@@ -297,9 +297,6 @@ def test_bulk_write_recorded(proxy, doctor_client, new_patient):
     assert_no_values(line, patient)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an aggregate on an unprotected collection is revealed, but "
-    "ClientSession._audit_fields audits only commands whose own namespace is protected"))
 def test_lookup_into_protected_recorded(proxy, doctor_client, new_patient):
     start = len(proxy.audit_lines())
     patient = new_patient()

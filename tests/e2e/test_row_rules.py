@@ -652,3 +652,19 @@ def test_user_roles_filter_limits_delete(filter_proxy, direct, assigned):
     assert result.deleted_count == len(assigned.own)
     assert ids(direct[filter_proxy.collection_name].find({"batch": assigned.batch})) == \
         assigned.other_ids
+
+
+@pytest.mark.parametrize("pipeline", [
+    [{"$unionWith": COLLECTION}],
+    [{"$lookup": {"from": COLLECTION, "pipeline": [], "as": "all"}}],
+])
+def test_view_reading_patients_from_elsewhere_rejected(clerk, direct, pipeline):
+    """A view on another collection whose pipeline reads the patients would skip the rows."""
+    view = f"rows_view_{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(OperationFailure) as refused:
+            clerk.database.command("create", view, viewOn="visits", pipeline=pipeline)
+
+        assert "reads the protected collection" in str(refused.value)
+    finally:
+        direct.drop_collection(view)

@@ -139,3 +139,35 @@ def test_bad_audit(audit, where, message):
 
     assert error.where == where
     assert message in str(error)
+
+
+def _with_collection(roles: dict, **top: object):
+    return _policy(roles, collections={"clinic.patients": {"fields": {
+        "ssn": {"class": "identity", "algorithm": "deterministic"},
+        "birthDate": {"class": "identity"}}}}, **top)
+
+
+def test_row_rule_on_random_field_rejected():
+    with pytest.raises(PolicyError) as caught:
+        _with_collection({"clerk": {"rows": {"owner_field": "birthDate"}}})
+
+    assert caught.value.where == "roles.clerk.rows"
+    assert "random algorithm" in str(caught.value)
+
+
+def test_row_rule_on_deterministic_field_accepted():
+    policy = _with_collection({"clerk": {"rows": {"filter": {"ssn": "$$user.name"}}}})
+
+    assert policy.row_rules["clerk"].filter == {"ssn": "$$user.name"}
+
+
+@pytest.mark.parametrize("collection, message", [
+    ("encryption.__keyVault", "the key vault"),
+    ("clinic.patients", "is a protected collection"),
+])
+def test_audit_collection_must_be_its_own(collection, message):
+    with pytest.raises(PolicyError) as caught:
+        _with_collection({}, audit={"collection": collection})
+
+    assert caught.value.where == "audit.collection"
+    assert message in str(caught.value)

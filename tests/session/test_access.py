@@ -146,3 +146,33 @@ def test_end_is_allowed_without_the_permission():
     reply, _ = _grant(grants, {"mongoveilBreakGlass": 0}, roles=frozenset({"clerk"}))
 
     assert reply == {"ok": 1.0, "ended": True}
+
+
+def test_reload_without_the_permission_ends_grants():
+    grants = BreakGlassGrants()
+    _grant(grants, {"mongoveilBreakGlass": 1, "reason": "r", "minutes": 20})
+    stricter = parse_policy({
+        "keys": {"master_key_file": "m.key"}, "classes": ["identity", "clinical"],
+        "roles": {"nurse": {"identity": "clear", "clinical": "deny"}},
+    }, Path("/etc/mongoveil/policy.yaml"))
+
+    ended = grants.revalidate(stricter)
+
+    assert [grant.user for grant in ended] == ["nina@clinic"]
+    assert grants.active("nina@clinic", NOW) is None
+
+
+def test_reload_with_a_shorter_limit_shortens_grants():
+    grants = BreakGlassGrants()
+    _grant(grants, {"mongoveilBreakGlass": 1, "reason": "r", "minutes": 20})
+    shorter = parse_policy({
+        "keys": {"master_key_file": "m.key"}, "classes": ["identity", "clinical"],
+        "roles": {"nurse": {"clinical": "deny", "break_glass": {"views": {"clinical": "clear"},
+                                                                "max_minutes": 5}}},
+    }, Path("/etc/mongoveil/policy.yaml"))
+
+    grants.revalidate(shorter)
+
+    grant = grants.active("nina@clinic", NOW)
+    assert grant.expires_at == NOW + datetime.timedelta(minutes=5)
+    assert grants.active("nina@clinic", NOW + datetime.timedelta(minutes=5)) is None

@@ -49,3 +49,19 @@ def test_write_commands_are_marked():
 ])
 def test_reply_counts(command, reply, expected):
     assert reply_counts(command, reply) == expected
+
+
+def test_upsert_counts_as_changed():
+    reply = {"ok": 1, "n": 1, "nModified": 0, "upserted": [{"index": 0, "_id": "x"}]}
+
+    assert reply_counts("update", reply) == {"ok": True, "changed": 1}
+
+
+def test_write_errors_in_an_ok_reply_are_failures():
+    reply = {"ok": 1, "n": 2, "writeErrors": [
+        {"index": 2, "code": 11000, "errmsg": "E11000 duplicate key: { ssn: \"123-45-6789\" }"}]}
+
+    counts = reply_counts("insert", reply)
+
+    assert counts == {"ok": False, "changed": 2, "write_errors": 1, "code": 11000}
+    assert "123-45-6789" not in repr(counts)

@@ -8,7 +8,12 @@ import pytest
 
 from proxy.policy import Policy, parse_policy
 from proxy.rewrite import CommandError
-from proxy.session.guards import GUARDED_COMMANDS, check_guarded_command, explained_namespace
+from proxy.session.guards import (
+    GUARDED_COMMANDS,
+    check_guarded_command,
+    explained_namespace,
+    guarded_namespaces,
+)
 
 POLICY_DATA = {
     "keys": {"master_key_file": "master.key"},
@@ -217,7 +222,7 @@ def test_view_on_protected_rejected(policy, name):
     error = check_guarded_command(name, body, policy)
 
     assert error.code == 2
-    assert "a view on the protected collection clinic.patients" in error.message
+    assert "a view that reads the protected collection clinic.patients" in error.message
 
 
 def test_view_on_unprotected_passes(policy):
@@ -246,3 +251,29 @@ def test_rename_non_string_target_passes(policy):
     body = {"renameCollection": "clinic.staging", "to": {"ns": "clinic.patients"}, "$db": "admin"}
 
     assert check(body, policy) is None
+
+
+@pytest.mark.parametrize("pipeline", [
+    [{"$unionWith": "patients"}],
+    [{"$unionWith": {"coll": "patients", "pipeline": []}}],
+    [{"$lookup": {"from": "patients", "localField": "p", "foreignField": "_id", "as": "x"}}],
+    [{"$facet": {"a": [{"$lookup": {"from": "patients", "pipeline": [], "as": "x"}}]}}],
+    [{"$graphLookup": {"from": "patients", "startWith": "$p", "connectFromField": "p",
+                       "connectToField": "_id", "as": "x"}}],
+])
+def test_view_whose_pipeline_reads_protected_rejected(policy, pipeline):
+    """A view on an unprotected collection must not read a protected one in its pipeline."""
+    body = {"create": "everyone", "viewOn": "visits", "pipeline": pipeline, "$db": "clinic"}
+
+    error = check_guarded_command("create", body, policy)
+
+    assert error is not None and "clinic.patients" in error.message
+
+
+def test_guarded_namespaces_for_audit(policy):
+    body = {"aggregate": "visits", "$db": "clinic",
+            "pipeline": [{"$lookup": {"from": "patients", "pipeline": [], "as": "p"}}]}
+
+    assert guarded_namespaces("aggregate", body, policy) == ["clinic.patients"]
+    assert guarded_namespaces("aggregate", {"aggregate": "visits", "$db": "clinic",
+                                            "pipeline": []}, policy) == []
