@@ -97,10 +97,15 @@ class TLSListener:
 
     @classmethod
     async def start(cls, client_connected: ClientConnected, host: str, port: int,
-                    tls: ReloadableContext, *, accept_plain: bool) -> TLSListener:
-        """Bind every address of `host` on `port` and start accepting; raises OSError."""
+                    tls: ReloadableContext, *, accept_plain: bool,
+                    reuse_port: bool = False) -> TLSListener:
+        """Bind every address of `host` on `port` and start accepting; raises OSError.
+
+        With `reuse_port`, the sockets set SO_REUSEPORT, so that worker processes
+        can listen on the same port and the kernel spreads new connections over them.
+        """
         listener = cls(client_connected, tls, accept_plain=accept_plain)
-        listener._sockets = await _bind(host, port)
+        listener._sockets = await _bind(host, port, reuse_port)
         for sock in listener._sockets:
             listener._accept_tasks.append(asyncio.create_task(
                 listener._accept_loop(sock), name=f"accept-{sock.getsockname()[:2]}"))
@@ -248,7 +253,7 @@ class TLSListener:
                 pass
 
 
-async def _bind(host: str, port: int) -> list[socket.socket]:
+async def _bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
     """Listen on every address of `host`, as asyncio.start_server does; raises OSError."""
     loop = asyncio.get_running_loop()
     addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -257,7 +262,8 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
     try:
         for family, _, _, _, address in dict.fromkeys(addresses):
             # create_server sets SO_REUSEADDR and, for IPv6, IPV6_V6ONLY.
-            sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+            sock = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG,
+                                        reuse_port=reuse_port)
             sock.setblocking(False)
             sockets.append(sock)
     except OSError:

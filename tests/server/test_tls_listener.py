@@ -446,6 +446,25 @@ async def test_bind_busy_port_raises(pki):
         first.close()
 
 
+async def test_reuse_port_listeners_share_port(pki):
+    settings = ClientTLSSettings("allowTLS", pki.server_certificate_key_file)
+    first = await TLSListener.start(_echo, "127.0.0.1", 0, client_tls_context(settings),
+                                    accept_plain=True, reuse_port=True)
+    try:
+        second = await TLSListener.start(_echo, "127.0.0.1", _port(first),
+                                         client_tls_context(settings), accept_plain=True,
+                                         reuse_port=True)
+        try:
+            assert _port(second) == _port(first)
+            reader, writer = await _open_tls(second, _client_context(pki))
+            assert await _echo_round_trip(reader, writer, b"ping") == b"ping"
+            await _close(writer)
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 async def test_listener_uses_current_context(pki):
     tls = client_tls_context(ClientTLSSettings("requireTLS", pki.server_certificate_key_file))
     assert isinstance(tls, ReloadableContext)
