@@ -9,13 +9,19 @@ INSTALLED := $(VENV)/.installed
 CLIENTS := tests/clients
 CLIENTS_INSTALLED := $(CLIENTS)/node_modules/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test bench venv clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/mongoveil demo
 
 test: $(INSTALLED) $(CLIENTS_INSTALLED)
 	$(VENV)/bin/pytest
+
+# Every benchmark in one run (about a quarter of an hour on 2 cores): prints the
+# tables and writes bench/RESULTS.md. `python -m bench.suite --quick` is the
+# smoke run that `make test` includes.
+bench: $(INSTALLED)
+	$(VENV)/bin/python -m bench.suite
 
 venv: $(INSTALLED)
 

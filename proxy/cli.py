@@ -64,6 +64,16 @@ def _non_negative_int(text: str) -> int:
     return number
 
 
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return number
+
+
 def _metrics_listen(text: str) -> tuple[str, int] | None:
     """Parse --metrics-listen: HOST:PORT, or 'disabled' for None."""
     if text.strip().lower() == "disabled":
@@ -142,6 +152,14 @@ def _build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="close a client connection that sends no request for this long "
                             "(seconds, default: 0, which keeps idle connections open)")
+    serve.add_argument("--no-uvloop", action="store_true",
+                       help="run on asyncio's own event loop even when uvloop is installed "
+                            "(by default the proxy uses uvloop when it can import it)")
+    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="number of proxy processes that share the listening port "
+                            "(SO_REUSEPORT, Linux), to use N cores; with more than 1, a "
+                            "supervisor process starts them again when they exit, and "
+                            "--max-connections applies to each (default: 1)")
     # The TLS options keep mongod's names and meanings. --tlsMode is checked when
     # the proxy starts, so an invalid mode is reported in one line like a bad file.
     serve.add_argument("--tlsMode", default="disabled", metavar="MODE",
@@ -262,6 +280,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from proxy.server import event_loop
     from proxy.server.app import ServeConfig, serve
     from proxy.session.compression import parse_compressors
 
@@ -282,9 +301,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         tls_allow_connections_without_certificates=args.tlsAllowConnectionsWithoutCertificates,
         metrics_listen=args.metrics_listen,
         metrics_namespaces=args.metrics_namespaces,
+        use_uvloop=not args.no_uvloop,
     )
+    if args.workers > 1:
+        from proxy.server.supervisor import run_supervisor
+
+        return run_supervisor(config, args.workers, log_level=args.log_level,
+                              log_format=args.log_format)
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config), use_uvloop=config.use_uvloop)
     except KeyboardInterrupt:
         pass
     return 0

@@ -22,13 +22,21 @@ value or a protected value.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from proxy.crypto.keyring import KeyRing
@@ -122,27 +130,13 @@ class Metrics:
         Info("mongoveil_build", "Version of the running mongoveil.",
              registry=registry).info({"version": _version()})
 
-        self.requests = Counter(
-            "mongoveil_requests", "Client requests by command and outcome. The namespace label "
-            "is set only for the namespaces given to --metrics-namespaces.",
-            ["command", "outcome", "namespace"], registry=registry)
-        self.request_duration = Histogram(
-            "mongoveil_request_duration_seconds", "Time from reading a request to sending its "
-            "last reply, in seconds. For awaitable hello this includes the server's wait.",
-            ["command"], buckets=LATENCY_BUCKETS, registry=registry)
+        # mongoveil_requests, mongoveil_request_duration_seconds, mongoveil_frames and the
+        # byte counters, which the session updates on every frame.
+        self.traffic = TrafficCounters()
+        registry.register(self.traffic)
         self.rejections = Counter(
             "mongoveil_rejections", "Requests the proxy rejected without sending them to the "
             "server, by reason.", ["reason"], registry=registry)
-        self.frames = Counter(
-            "mongoveil_frames", "Frames relayed between client and server, by direction and "
-            "by whether the proxy passed them unchanged or rewrote them.",
-            ["direction", "handling"], registry=registry)
-        self.received_bytes = Counter(
-            "mongoveil_received_bytes", "Bytes read from clients and from upstream servers.",
-            ["peer"], registry=registry)
-        self.sent_bytes = Counter(
-            "mongoveil_sent_bytes", "Bytes written to clients and to upstream servers.",
-            ["peer"], registry=registry)
         self.reply_values = Counter(
             "mongoveil_reply_values", "Encrypted values in replies, by data class and by the "
             "view the client got them in.", ["class", "view"], registry=registry)
@@ -169,13 +163,6 @@ class Metrics:
         """Create the series of the fixed label values, so they read 0 before the first event."""
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
-        # The byte counters are updated on every socket read and write, so their
-        # children are looked up once here.
-        self._received_by_peer = {peer: self.received_bytes.labels(peer) for peer in PEERS}
-        self._sent_by_peer = {peer: self.sent_bytes.labels(peer) for peer in PEERS}
-        for direction in ("request", "reply"):
-            for handling in ("passed", "rewritten"):
-                self.frames.labels(direction, handling)
 
     # -- updates from the session ---------------------------------------------------
 
@@ -188,23 +175,30 @@ class Metrics:
 
     def record_request(self, command: str, outcome: str, namespace: str, seconds: float) -> None:
         """Count one finished request; `command` must already be a label (see `command_label`)."""
-        self.requests.labels(command, outcome, namespace).inc()
-        self.request_duration.labels(command).observe(seconds)
+        traffic = self.traffic
+        key = (command, outcome, namespace)
+        traffic.requests[key] = traffic.requests.get(key, 0) + 1
+        buckets = traffic.durations.get(command)
+        if buckets is None:
+            buckets = traffic.durations[command] = [0] * (len(LATENCY_BUCKETS) + 1)
+        # The slot of the first bound that is >= seconds, or the last slot (+Inf).
+        buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        traffic.duration_sums[command] = traffic.duration_sums.get(command, 0.0) + seconds
 
     def count_rejection(self, reason: str) -> None:
         self.rejections.labels(reason if reason in REJECTION_REASONS else OTHER).inc()
 
     def count_received(self, peer: str, size: int) -> None:
         """Count `size` bytes read from "client" or "upstream"."""
-        self._received_by_peer[peer].inc(size)
+        self.traffic.received_bytes[peer] += size
 
     def count_sent(self, peer: str, size: int) -> None:
         """Count `size` bytes written to "client" or "upstream"."""
-        self._sent_by_peer[peer].inc(size)
+        self.traffic.sent_bytes[peer] += size
 
     def count_frame(self, direction: str, *, rewritten: bool) -> None:
         """Count a frame relayed to the server ("request") or to the client ("reply")."""
-        self.frames.labels(direction, "rewritten" if rewritten else "passed").inc()
+        self.traffic.frames[(direction, "rewritten" if rewritten else "passed")] += 1
 
     def count_reply_values(self, values: Mapping[tuple[str | None, str], int],
                            classes: Iterable[str]) -> None:
@@ -235,6 +229,69 @@ class Metrics:
         """
         encoder, content_type = prometheus_client.exposition.choose_encoder(accept_header or "")
         return encoder(self.registry), content_type
+
+
+class TrafficCounters:
+    """The counts of requests, frames and bytes, as plain numbers read at each scrape.
+
+    The session updates these on every frame. prometheus_client's Counter and
+    Histogram take a lock and look up their labels on each update, which costs
+    more than the rest of forwarding a small frame. So the counts are plain
+    integers, updated on the event loop's thread, that become metric families
+    only when the registry collects them. `durations` contains, for each
+    command, the number of requests that fell into each bucket of
+    LATENCY_BUCKETS (not cumulative), with +Inf last.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[str, list[int]] = {}
+        self.duration_sums: dict[str, float] = {}
+        self.frames = {(direction, handling): 0 for direction in ("request", "reply")
+                       for handling in ("passed", "rewritten")}
+        self.received_bytes = {peer: 0 for peer in PEERS}
+        self.sent_bytes = {peer: 0 for peer in PEERS}
+
+    def collect(self) -> Iterator[Metric]:
+        # Copies, so that a scrape from another thread never iterates a dict that the
+        # event loop is adding a key to.
+        requests = CounterMetricFamily(
+            "mongoveil_requests", "Client requests by command and outcome. The namespace label "
+            "is set only for the namespaces given to --metrics-namespaces.",
+            labels=["command", "outcome", "namespace"])
+        for labels, count in dict(self.requests).items():
+            requests.add_metric(list(labels), count)
+        yield requests
+
+        durations = HistogramMetricFamily(
+            "mongoveil_request_duration_seconds", "Time from reading a request to sending its "
+            "last reply, in seconds. For awaitable hello this includes the server's wait.",
+            labels=["command"])
+        sums = dict(self.duration_sums)
+        bounds = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
+        for command, counts in dict(self.durations).items():
+            cumulative = list(itertools.accumulate(counts))
+            durations.add_metric([command], list(zip(bounds, cumulative)), sums.get(command, 0.0))
+        yield durations
+
+        frames = CounterMetricFamily(
+            "mongoveil_frames", "Frames relayed between client and server, by direction and "
+            "by whether the proxy passed them unchanged or rewrote them.",
+            labels=["direction", "handling"])
+        for labels, count in dict(self.frames).items():
+            frames.add_metric(list(labels), count)
+        yield frames
+
+        for name, help_text, counts in (
+            ("mongoveil_received_bytes", "Bytes read from clients and from upstream servers.",
+             self.received_bytes),
+            ("mongoveil_sent_bytes", "Bytes written to clients and to upstream servers.",
+             self.sent_bytes),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["peer"])
+            for peer, count in dict(counts).items():
+                family.add_metric([peer], count)
+            yield family
 
 
 class LayerCounters:

@@ -206,6 +206,44 @@ def test_bytes_and_frames() -> None:
     assert _value(metrics, "mongoveil_frames_total", direction="reply", handling="passed") == 1
 
 
+def test_latency_bucket_bounds_inclusive() -> None:
+    metrics = Metrics()
+
+    metrics.record_request("find", "ok", "", 0.005)     # exactly a bucket's upper bound
+    metrics.record_request("find", "ok", "", 0.0051)
+    metrics.record_request("find", "ok", "", 100.0)      # above the last bound
+
+    def bucket(le: str) -> float | None:
+        return _value(metrics, "mongoveil_request_duration_seconds_bucket", command="find", le=le)
+
+    assert bucket("0.0025") == 0
+    assert bucket("0.005") == 1
+    assert bucket("0.01") == 2
+    assert bucket("30.0") == 2
+    assert bucket("+Inf") == 3
+    assert _value(metrics, "mongoveil_request_duration_seconds_count", command="find") == 3
+    assert _value(metrics, "mongoveil_request_duration_seconds_sum",
+                  command="find") == pytest.approx(100.0101)
+
+
+def test_traffic_counters_per_label() -> None:
+    metrics = Metrics(["clinic.patients"])
+
+    metrics.record_request("find", "ok", "clinic.patients", 0.001)
+    metrics.record_request("find", "error", "", 0.001)
+    metrics.record_request("find", "ok", "clinic.patients", 0.001)
+    for _ in range(3):
+        metrics.count_frame("reply", rewritten=True)
+    metrics.count_received("upstream", 7)
+    metrics.count_received("upstream", 8)
+
+    assert _requests(metrics, "find", "ok", "clinic.patients") == 2
+    assert _requests(metrics, "find", "error") == 1
+    assert _value(metrics, "mongoveil_frames_total", direction="reply", handling="rewritten") == 3
+    assert _value(metrics, "mongoveil_frames_total", direction="request", handling="passed") == 0
+    assert _value(metrics, "mongoveil_received_bytes_total", peer="upstream") == 15
+
+
 # -- request meter --------------------------------------------------------------------
 
 

@@ -45,6 +45,10 @@ BSON_TYPE_NAMES: dict[int, str] = {
 _TYPE_OFFSET = 4
 _VALUE_OFFSET = 6
 
+_STRING = 0x02
+_INT32_TYPE = 0x10
+_INT32 = struct.Struct("<i")
+
 
 def type_name(type_byte: int) -> str:
     """Return MongoDB's alias for a BSON type byte, or its hex form if unknown."""
@@ -72,6 +76,19 @@ def decode_value(type_byte: int, value_bytes: bytes) -> object:
     Raises DecryptionError when the bytes are not one valid value of that type,
     because the bytes come from a decrypted ciphertext.
     """
+    # Strings and int32 values are decoded here, because wrapping one value in a
+    # document for bson costs more than the rest of its decryption. Bytes that do
+    # not have exactly the expected layout go to bson, which decides.
+    if type_byte == _STRING:
+        size = len(value_bytes) - _INT32.size
+        if size >= 1 and value_bytes[-1] == 0 and _INT32.unpack_from(value_bytes)[0] == size:
+            try:
+                return value_bytes[_INT32.size : -1].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+    elif type_byte == _INT32_TYPE and len(value_bytes) == _INT32.size:
+        return _INT32.unpack(value_bytes)[0]
+
     size = _VALUE_OFFSET + len(value_bytes) + 1
     document = struct.pack("<i", size) + bytes([type_byte, 0]) + value_bytes + b"\x00"
     try:

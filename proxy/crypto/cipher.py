@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import os
 import uuid
+from collections.abc import Sequence
 
 from bson.binary import Binary
 
@@ -31,6 +32,7 @@ ENCRYPTED_SUBTYPE = 6
 _HEADER_SIZE = 18
 _KEY_ID_SLICE = slice(1, 17)
 _TYPE_OFFSET = 17
+_MIN_SIZE = _HEADER_SIZE + aead.MIN_CIPHERTEXT_SIZE
 
 
 class Algorithm(enum.Enum):
@@ -38,6 +40,9 @@ class Algorithm(enum.Enum):
 
     DETERMINISTIC = 1
     RANDOM = 2
+
+
+_BLOB_SUBTYPES = frozenset(algorithm.value for algorithm in Algorithm)
 
 
 # The BSON types each algorithm rejects, as in the MongoDB server's type check
@@ -77,15 +82,16 @@ def encrypt_value(
         # layer of encryption would only hide a bug in the caller.
         raise EncryptionError("a BSON binData value of subtype 6 is already encrypted")
 
-    header = bytes([algorithm.value]) + key.id.bytes + bytes([type_byte])
+    header = bytes((algorithm.value,)) + key.id_bytes + bytes((type_byte,))
+    aead_key = key.aead_key
     if algorithm is Algorithm.DETERMINISTIC:
         if iv is not None:
             raise ValueError("an IV cannot be given for deterministic encryption")
-        iv = aead.deterministic_iv(key.material, plaintext, header)
+        iv = aead_key.deterministic_iv(plaintext, header)
     elif iv is None:
         iv = os.urandom(aead.IV_SIZE)
 
-    ciphertext = aead.encrypt(key.material, plaintext, header, iv)
+    ciphertext = aead_key.encrypt(plaintext, header, iv)
     return Binary(header + ciphertext, ENCRYPTED_SUBTYPE)
 
 
@@ -96,16 +102,58 @@ def decrypt_value(binary: Binary, key: DataKey) -> object:
     ciphertext or fails authentication. Raises ValueError when the ciphertext
     names another key than ``key``, because that is the caller's mistake.
     """
-    key_id = ciphertext_key_id(binary)
-    if key_id is None:
+    if not is_ciphertext(binary):
         raise DecryptionError()
-    if key_id != key.id:
+    if binary[_KEY_ID_SLICE] != key.id_bytes:
+        key_id = uuid.UUID(bytes=binary[_KEY_ID_SLICE])
         raise ValueError(f"the ciphertext names data key {key_id}, not {key.id}")
 
-    payload = bytes(binary)
-    header = payload[:_HEADER_SIZE]
-    plaintext = aead.decrypt(key.material, payload[_HEADER_SIZE:], header)
-    return decode_value(payload[_TYPE_OFFSET], plaintext)
+    # A Binary is a bytes subclass, so the payload is read without a copy. The
+    # header is the associated data and comes right before the AEAD output.
+    plaintext = key.aead_key.decrypt_after(binary, _HEADER_SIZE)
+    return decode_value(binary[_TYPE_OFFSET], plaintext)
+
+
+def decrypt_values(binaries: Sequence[Binary], key: DataKey) -> list[object]:
+    """Verify and decrypt subtype-6 ciphertexts that all name ``key``, and return the values.
+
+    The result is `decrypt_value` of each ciphertext, in order, at less cost per value.
+    Raises DecryptionError, without saying which, when any of them is not an FLE1
+    ciphertext or fails authentication, and ValueError when one names another key.
+    """
+    id_bytes = key.id_bytes
+    for binary in binaries:
+        if not is_ciphertext(binary):
+            raise DecryptionError()
+        if binary[_KEY_ID_SLICE] != id_bytes:
+            key_id = uuid.UUID(bytes=binary[_KEY_ID_SLICE])
+            raise ValueError(f"the ciphertext names data key {key_id}, not {key.id}")
+
+    plaintexts = key.aead_key.decrypt_all_after(binaries, _HEADER_SIZE)
+    return [
+        decode_value(binary[_TYPE_OFFSET], plaintext)
+        for binary, plaintext in zip(binaries, plaintexts)
+    ]
+
+
+def is_ciphertext(binary: object) -> bool:
+    """Tell whether a value has the layout of an FLE1 ciphertext (see `ciphertext_key_id`)."""
+    return (
+        isinstance(binary, Binary)
+        and binary.subtype == ENCRYPTED_SUBTYPE
+        and len(binary) >= _MIN_SIZE
+        and binary[0] in _BLOB_SUBTYPES
+    )
+
+
+def ciphertext_key_id_bytes(binary: object) -> bytes | None:
+    """Return the 16 bytes of the data key id an FLE1 ciphertext names, or None.
+
+    This is `ciphertext_key_id` without building a UUID, for lookups once per value.
+    """
+    if not is_ciphertext(binary):
+        return None
+    return binary[_KEY_ID_SLICE]
 
 
 def ciphertext_key_id(binary: object) -> uuid.UUID | None:
@@ -114,10 +162,6 @@ def ciphertext_key_id(binary: object) -> uuid.UUID | None:
     Only the layout is checked: a Binary of subtype 6, blob subtype 1 or 2, and
     a length that can hold the header and the shortest AEAD output.
     """
-    if not isinstance(binary, Binary) or binary.subtype != ENCRYPTED_SUBTYPE:
+    if not is_ciphertext(binary):
         return None
-    if len(binary) < _HEADER_SIZE + aead.MIN_CIPHERTEXT_SIZE:
-        return None
-    if binary[0] not in (Algorithm.DETERMINISTIC.value, Algorithm.RANDOM.value):
-        return None
-    return uuid.UUID(bytes=bytes(binary[_KEY_ID_SLICE]))
+    return uuid.UUID(bytes=binary[_KEY_ID_SLICE])

@@ -14,6 +14,7 @@ that has one. A retired key keeps decrypting the values it encrypted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 
 from proxy.crypto import aead
@@ -29,6 +30,10 @@ class DataKey:
     ``id`` is the key document's ``_id`` in the key vault and ``material`` the
     96 bytes of key material. ``alt_names`` are the document's keyAltNames.
     The repr shows the id and the alt names, never the material.
+
+    The properties that every encrypted value needs (`aead_key`, `id_bytes`,
+    `class_name`) are computed on first use and kept, because the key never
+    changes. A key that the key ring drops takes its cipher objects with it.
     """
 
     id: uuid.UUID
@@ -43,10 +48,20 @@ class DataKey:
             )
         object.__setattr__(self, "alt_names", tuple(self.alt_names))
 
-    @property
+    @functools.cached_property
     def class_name(self) -> str | None:
         """The data class of the first "mongoveil:" alt name, or None."""
         return class_of_alt_names(self.alt_names)
+
+    @functools.cached_property
+    def id_bytes(self) -> bytes:
+        """The 16 bytes of ``id``, as a ciphertext stores them."""
+        return self.id.bytes
+
+    @functools.cached_property
+    def aead_key(self) -> aead.AeadKey:
+        """The AES and HMAC objects of the key material, built on first use."""
+        return aead.AeadKey(self.material)
 
     @property
     def current_names(self) -> tuple[str, ...]:

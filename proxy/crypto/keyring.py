@@ -18,14 +18,19 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from bson.binary import Binary
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.bson_value import encode_value
-from proxy.crypto.cipher import Algorithm, ciphertext_key_id, decrypt_value, encrypt_value
+from proxy.crypto.cipher import (
+    Algorithm,
+    ciphertext_key_id_bytes,
+    decrypt_value,
+    encrypt_value,
+)
 from proxy.crypto.data_key import DataKey, class_alt_name, subject_alt_name
 from proxy.crypto.errors import DecryptionError, KeyNotFound, KeyNotLoaded
 
@@ -85,6 +90,9 @@ class KeyRing:
         # Current alt names the key vault has no active key for, with the time marked.
         self._absent_names: OrderedDict[str, float] = OrderedDict()
         self._named_keys: dict[str, DataKey] = {}
+        # The id of every key in `_keys`, by the 16 bytes a ciphertext stores, so that
+        # `decrypt` does not build a UUID per value.
+        self._ids_by_bytes: dict[bytes, uuid.UUID] = {}
         self._sub_keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
 
         self.encryptions: dict[str | None, int] = {}
@@ -105,6 +113,7 @@ class KeyRing:
         for name in key.current_names:
             self._absent_names.pop(name, None)
         self._keys[key.id] = (key, self._clock())
+        self._ids_by_bytes[key.id_bytes] = key.id
         if class_key:
             for name in key.current_names:
                 self._named_keys[name] = key
@@ -238,9 +247,12 @@ class KeyRing:
         missing, KeyNotFound for a key marked missing, and DecryptionError when
         ``binary`` is not an FLE1 ciphertext or fails authentication.
         """
-        key_id = ciphertext_key_id(binary)
-        if key_id is None:
+        raw_key_id = ciphertext_key_id_bytes(binary)
+        if raw_key_id is None:
             raise DecryptionError()
+        key_id = self._ids_by_bytes.get(raw_key_id)
+        if key_id is None:
+            key_id = uuid.UUID(bytes=raw_key_id)
 
         key = self.get(key_id)
         if key is None:
@@ -255,6 +267,16 @@ class KeyRing:
         value = decrypt_value(binary, key)
         self._count(self.decryptions, class_name)
         return class_name, value
+
+    def record_decryptions(self, counts: Mapping[str | None, int]) -> None:
+        """Count values that a caller decrypted with `decrypt_value` and a key from `get`.
+
+        `counts` maps class names as `decryptions` does. Each value counts as one
+        decryption and one cache hit, the same as a `decrypt` call.
+        """
+        for class_name, count in counts.items():
+            self.decryptions[class_name] = self.decryptions.get(class_name, 0) + count
+            self.cache_hits += count
 
     def pseudonym(self, value: object, class_name: str) -> str:
         """Return a stable keyed token for a value of a data class.
@@ -300,6 +322,7 @@ class KeyRing:
         if entry is None:
             return
         key = entry[0]
+        del self._ids_by_bytes[key.id_bytes]
         for info in (_PSEUDONYM_INFO, _SUBJECT_INFO):
             self._sub_keys.pop((key_id, info), None)
         for name in key.current_names:

@@ -133,6 +133,7 @@ class KeyVault:
         active = self.master_keys.active
         query = {"masterKey.provider": active.kind, **_NOT_DISABLED}
         cursor = self._collection.find(query, sort=[("creationDate", -1)], limit=max_documents)
+        unreadable: list[uuid.UUID] = []
         async for doc in cursor:
             if active not in self.master_keys.candidates(doc.get("masterKey")):
                 continue
@@ -141,9 +142,20 @@ class KeyVault:
                 await self._call_provider(active, active.unwrap, wrapped.key_material,
                                           wrapped.master_key)
             except DecryptionError:
-                continue    # wrapped by another key of the same provider kind
+                # Another configured key of the same kind may have wrapped it; if none
+                # did, the proxy holds the wrong master key and is not ready.
+                try:
+                    await self.unwrap(doc)
+                except KeyDocumentError:
+                    unreadable.append(wrapped.id)
+                continue
             return f"unwrapped data key {wrapped.id}"
 
+        if unreadable:
+            raise KeyDocumentError(
+                f"key document {unreadable[0]}: no configured master key unwraps it "
+                f"({len(unreadable)} of the newest documents); the master key is probably "
+                "the wrong one", unreadable[0])
         await self._call_provider(active, active.wrap, os.urandom(aead.KEY_SIZE))
         return "wrapped a test key (no key document of the active master key to unwrap)"
 

@@ -58,6 +58,11 @@ class ServeConfig:
     # Address of /metrics, /healthz and /readyz; None turns the listener off.
     metrics_listen: tuple[str, int] | None = ("0.0.0.0", 9216)
     metrics_namespaces: tuple[str, ...] = ()   # namespaces allowed as a metric label value
+    # SO_REUSEPORT on the client listener, so that the worker processes of
+    # `serve --workers N` can listen on one port (see proxy.server.supervisor).
+    reuse_port: bool = False
+    # Run on uvloop when it is installed (see proxy.server.event_loop); --no-uvloop clears it.
+    use_uvloop: bool = True
 
 
 def open_key_vault(policy: Policy, upstream_uri: str, *,
@@ -135,12 +140,14 @@ class ProxyServer:
         try:
             if self.client_tls is None:
                 self._server = await asyncio.start_server(
-                    self._accept, self.config.listen_host, self.config.listen_port
+                    self._accept, self.config.listen_host, self.config.listen_port,
+                    reuse_port=self.config.reuse_port,
                 )
             else:
                 self._server = await TLSListener.start(
                     self._accept, self.config.listen_host, self.config.listen_port,
-                    self.client_tls, accept_plain=self.client_tls_settings.accepts_plain)
+                    self.client_tls, accept_plain=self.client_tls_settings.accepts_plain,
+                    reuse_port=self.config.reuse_port)
         except OSError as error:
             raise ValueError(f"cannot listen on {self.config.listen_host}:"
                              f"{self.config.listen_port}: {error.strerror}") from error
@@ -197,11 +204,16 @@ class ProxyServer:
         return trail
 
     async def _preload_keys(self) -> None:
+        try:
+            await self.keys.vault.ensure_indexes()
+        except Exception as error:  # logged below when the key vault stays unreadable
+            log.debug("cannot create the key vault's indexes yet: %s", type(error).__name__)
+        # After the unique alt-name index exists, so that two workers starting on a new key
+        # vault cannot each create an audit key.
         if self.policy.audit.enabled:
             self._audit_opener = asyncio.create_task(self._start_audit_trail(),
                                                      name="open-audit-trail")
         try:
-            await self.keys.vault.ensure_indexes()
             count = await self.keys.preload(list(self.policy.classes))
             log.info("loaded %d data keys from the key vault %s", count, self.policy.key_vault)
         except Exception as error:  # the proxy still serves; keys load on first use

@@ -24,9 +24,9 @@ from proxy.wire import (
     compressors_from_names,
     decompress_frame,
     must_not_compress,
-    parse_header,
     OpCode,
 )
+from proxy.wire.header import op_code_of
 
 # The order mongod uses by default (`net.compression.compressors`).
 DEFAULT_COMPRESSORS = ("snappy", "zstd", "zlib")
@@ -110,7 +110,7 @@ def unwrap_frame(wire_frame: bytes, max_message_size: int,
     Raises ProtocolError for nested or unnegotiated compression and for
     sizes beyond `max_message_size`.
     """
-    if parse_header(wire_frame).op_code != OpCode.COMPRESSED:
+    if op_code_of(wire_frame) != OpCode.COMPRESSED:
         return wire_frame, None
     return decompress_frame(wire_frame, max_message_size=max_message_size, allowed=negotiated)
 

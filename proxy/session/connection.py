@@ -10,7 +10,9 @@ a streaming `hello`, followed by more replies to the same request). The pump
 therefore handles one request at a time, in order:
 
 1. Read one frame from the client, bounded by `maxMessageSizeBytes`, and
-   decompress it when it is OP_COMPRESSED (see `compression`).
+   decompress it when it is OP_COMPRESSED (see `compression`). Both
+   connections are read and written through a `FrameChannel` (see `channel`),
+   which hands over whole frames as they arrived.
 2. Peek at the OP_MSG body without decoding it: the command name, the
    collection and `$db`. Most frames need nothing more and go upstream as the
    same bytes (the fast path).
@@ -41,6 +43,7 @@ line; other connections are not affected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import ssl
@@ -91,9 +94,11 @@ from proxy.session.identity import (
 from proxy.session.access import COMMAND_NAME as BREAK_GLASS_COMMAND
 from proxy.session.access import BreakGlassGrants, handle_break_glass, views_with_grant
 from proxy.session.auditing import command_fields, reply_counts
+from proxy.session.channel import FrameChannel
 from proxy.session.keys import KeyService, key_unavailable_error
 from proxy.session.metering import RequestMeter
 from proxy.server.audit_trail import AuditTrail, AuditUnavailable
+from proxy.wire.header import op_code_of
 from proxy.wire import (
     CHECKSUM_PRESENT,
     DuplicateKeyInCommand,
@@ -246,8 +251,10 @@ class ClientSession:
         self.client_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
         self.upstream_frames = FrameReader(DEFAULT_MAX_MESSAGE_SIZE)
         self.upstream_address: UpstreamAddress | None = None
-        self.upstream_reader: asyncio.StreamReader | None = None
-        self.upstream_writer: asyncio.StreamWriter | None = None
+        # The connections once the session runs: the client's taken over from the
+        # streams above, the upstream one opened by the session (see `channel`).
+        self.client_channel: FrameChannel | None = None
+        self.upstream_channel: FrameChannel | None = None
         self.compression = LegCompression(state.compressors)
         self.max_bson_size = DEFAULT_MAX_BSON_SIZE
         self.stmt_ids_accepted = True
@@ -277,9 +284,14 @@ class ClientSession:
         self.metrics.accepted_connections.inc()
         self.metrics.client_connections.inc()
         try:
+            self.client_channel = await FrameChannel.take_over(
+                self.client_reader, self.client_writer, self.client_frames,
+                functools.partial(self.metrics.count_received, "client"))
             await self._connect_upstream()
             while not self._close_after_request:
-                frame = await self._read_frame(self.client_reader, self.client_frames)
+                frame = await self.client_channel.read_frame()
+                if frame is None:
+                    raise ConnectionClosed
                 self._start_request()
                 self.meter = RequestMeter(self.metrics)
                 try:
@@ -322,9 +334,9 @@ class ClientSession:
     def abort(self) -> None:
         """Close both sockets so that `run` returns; used when the proxy stops."""
         self._aborted = True
-        for writer in (self.client_writer, self.upstream_writer):
-            if writer is not None:
-                writer.close()
+        for connection in (self.client_channel or self.client_writer, self.upstream_channel):
+            if connection is not None:
+                connection.close()
 
     @property
     def in_flight(self) -> bool:
@@ -379,8 +391,9 @@ class ClientSession:
 
         address = self.upstream_address
         try:
-            self.upstream_reader, self.upstream_writer = await asyncio.open_connection(
-                address.host, address.port,
+            self.upstream_channel = await FrameChannel.open(
+                address.host, address.port, self.upstream_frames,
+                functools.partial(self.metrics.count_received, "upstream"),
                 **upstream_connection_options(self.state.upstream_tls, address.host),
             )
         except OSError as error:
@@ -405,8 +418,7 @@ class ClientSession:
         """Reply to the client's first request with `error`, so the driver reports why it failed."""
         try:
             frame = await asyncio.wait_for(
-                self._read_frame(self.client_reader, self.client_frames),
-                _FIRST_REQUEST_TIMEOUT_SECONDS)
+                self._read_frame(self.client_channel), _FIRST_REQUEST_TIMEOUT_SECONDS)
         except (asyncio.TimeoutError, ConnectionClosed, ProtocolError):
             return
 
@@ -422,42 +434,40 @@ class ClientSession:
             ))
 
     async def _close(self) -> None:
-        if self.upstream_writer is not None:
+        if self.upstream_channel is not None:
             self.metrics.upstream_connections.dec()
-        for writer in (self.client_writer, self.upstream_writer):
-            if writer is None:
+        for connection in (self.client_channel or self.client_writer, self.upstream_channel):
+            if connection is None:
                 continue
-            writer.close()
+            connection.close()
             try:
-                await writer.wait_closed()
+                await connection.wait_closed()
             except (ConnectionError, OSError):
                 pass
 
-    async def _read_frame(self, reader: asyncio.StreamReader, frames: FrameReader) -> bytes:
-        while True:
-            frame = frames.next_frame()
-            if frame is not None:
-                return frame
-            data = await reader.read(65536)
-            from_upstream = reader is self.upstream_reader
-            if not data:
-                raise UpstreamClosed if from_upstream else ConnectionClosed
-            self.metrics.count_received("upstream" if from_upstream else "client", len(data))
-            frames.feed(data)
+    async def _read_frame(self, channel: FrameChannel) -> bytes:
+        frame = await channel.read_frame()
+        if frame is None:
+            raise UpstreamClosed if channel is self.upstream_channel else ConnectionClosed
+        return frame
 
     # -- requests ---------------------------------------------------------
 
     async def _handle_request(self, wire_frame: bytes) -> None:
-        frame, compressor = unwrap_frame(
-            wire_frame, self.client_frames.max_message_size, self.compression.client)
-        header = parse_header(frame)
+        op_code = op_code_of(wire_frame)
+        if op_code == OpCode.COMPRESSED:
+            frame, compressor = unwrap_frame(
+                wire_frame, self.client_frames.max_message_size, self.compression.client)
+            op_code = op_code_of(frame)
+        else:
+            frame, compressor = wire_frame, None
 
-        if header.op_code == OpCode.MSG:
+        if op_code == OpCode.MSG:
             await self._handle_op_msg(frame, wire_frame, compressor)
-        elif header.op_code == OpCode.QUERY:
+        elif op_code == OpCode.QUERY:
             await self._handle_op_query(frame)
         else:
-            await self._reject_legacy_opcode(header)
+            await self._reject_legacy_opcode(parse_header(frame))
 
     async def _handle_op_msg(self, frame: bytes, wire_frame: bytes,
                              compressor: CompressorId | None) -> None:
@@ -493,6 +503,12 @@ class ClientSession:
             await self._reply_to_client(parse_header(frame).request_id, _AUDIT_DOWN_REPLY)
             return
 
+        if (plan is None and compressor is None and self._pending_audit is None
+                and not peek.flag_bits & (MORE_TO_COME | EXHAUST_ALLOWED)
+                and not self.state.upstream.follows_elections):
+            await self._forward_unchanged(frame)
+            return
+
         to_send = frame
         if plan is not None:
             to_send = await self._prepare_op_msg(frame, plan)
@@ -511,7 +527,33 @@ class ClientSession:
         await self._relay_replies(plan, client_target, bool(peek.flag_bits & EXHAUST_ALLOWED))
         # Replies that were not decoded (commands the proxy forwards as they are) have no
         # counts; their record goes out here.
-        await self._audit("command")
+        if self._pending_audit is not None:
+            await self._audit("command")
+
+    async def _forward_unchanged(self, frame: bytes) -> None:
+        """Forward a request and its one reply as they are: the fast path of most traffic.
+
+        This is what the general path (`_relay_replies`) does for an uncompressed request
+        that needs no rewrite, expects exactly one reply (neither moreToCome nor
+        exhaustAllowed) and no audit record, on an upstream that does not follow
+        elections: the reply is only decompressed if the server compressed it anyway.
+        """
+        await self._send_upstream(frame)
+        self.metrics.count_frame("request", rewritten=False)
+
+        reply = await self.upstream_channel.read_frame()
+        if reply is None:
+            raise UpstreamClosed
+        op_code = op_code_of(reply)
+        if op_code == OpCode.COMPRESSED:
+            reply, _ = unwrap_frame(
+                reply, self.upstream_frames.max_message_size, self.compression.upstream)
+            op_code = op_code_of(reply)
+        if op_code != OpCode.MSG:
+            raise ProtocolError(f"upstream sent opcode {op_code} in reply to OP_MSG")
+        self.meter.reply_frame(reply)
+        await self._send_to_client(reply)
+        self.metrics.count_frame("reply", rewritten=False)
 
     async def _prepare_op_msg(self, frame: bytes, plan: Plan) -> bytes | None:
         """Return the frame to send upstream, or None after replying to the client directly."""
@@ -636,7 +678,7 @@ class ClientSession:
                 self.meter.unacknowledged()
                 return None
 
-            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            wire_frame = await self._read_frame(self.upstream_channel)
             frame, _ = unwrap_frame(
                 wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
             reply = parse_op_msg(frame).body
@@ -722,7 +764,7 @@ class ClientSession:
         await self._send_upstream(frame)
         self.metrics.count_frame("request", rewritten=False)
 
-        reply_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        reply_frame = await self._read_frame(self.upstream_channel)
         reply_header = parse_header(reply_frame)
         reply = parse_op_reply(reply_frame)
         if reply.documents:
@@ -753,7 +795,7 @@ class ClientSession:
         flags of other replies are not read.
         """
         while True:
-            wire_frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+            wire_frame = await self._read_frame(self.upstream_channel)
             # A replica-set upstream's replies are decompressed to look for
             # not-primary errors, so they skip this shortcut.
             if (plan is None and not exhaust and not self.state.upstream.follows_elections
@@ -765,9 +807,9 @@ class ClientSession:
 
             frame, arrived = unwrap_frame(
                 wire_frame, self.upstream_frames.max_message_size, self.compression.upstream)
-            header = parse_header(frame)
-            if header.op_code != OpCode.MSG:
-                raise ProtocolError(f"upstream sent opcode {header.op_code} in reply to OP_MSG")
+            op_code = op_code_of(frame)
+            if op_code != OpCode.MSG:
+                raise ProtocolError(f"upstream sent opcode {op_code} in reply to OP_MSG")
 
             more_to_come = exhaust and peek_op_msg(frame).flag_bits & MORE_TO_COME
             self.meter.reply_frame(frame)
@@ -966,7 +1008,7 @@ class ClientSession:
         request_id = next(_PROXY_REQUEST_IDS)
         await self._send_upstream(encode_op_msg(OpMsg(0, dict(CONNECTION_STATUS_COMMAND), []),
                                                 request_id, 0))
-        frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        frame = await self._read_frame(self.upstream_channel)
         reply = parse_op_msg(frame).body
 
         try:
@@ -996,7 +1038,7 @@ class ClientSession:
         request_id = next(_PROXY_REQUEST_IDS)
         await self._send_upstream(encode_op_msg(OpMsg(0, users_info_command(name, db), []),
                                                 request_id, 0))
-        frame = await self._read_frame(self.upstream_reader, self.upstream_frames)
+        frame = await self._read_frame(self.upstream_channel)
         try:
             return parse_custom_data(parse_op_msg(frame).body)
         except ValueError as own_error:
@@ -1087,14 +1129,18 @@ class ClientSession:
     # -- output -----------------------------------------------------------
 
     async def _send_upstream(self, frame: bytes) -> None:
-        self.upstream_writer.write(frame)
+        channel = self.upstream_channel
+        channel.write(frame)
         self.metrics.count_sent("upstream", len(frame))
-        await self.upstream_writer.drain()
+        if channel.must_drain:
+            await channel.drain()
 
     async def _send_to_client(self, frame: bytes) -> None:
-        self.client_writer.write(frame)
+        channel = self.client_channel
+        channel.write(frame)
         self.metrics.count_sent("client", len(frame))
-        await self.client_writer.drain()
+        if channel.must_drain:
+            await channel.drain()
 
     async def _reply_to_client(self, response_to: int, body: dict) -> None:
         await self._send_to_client(encode_op_msg_reply(body, response_to=response_to,

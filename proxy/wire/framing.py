@@ -23,10 +23,20 @@ class FrameReader:
     ``max_message_size`` as soon as its 4 bytes have arrived, so a peer cannot
     make the reader buffer an oversized body. After a ProtocolError the stream
     is out of sync, and every later call raises the same error.
+
+    A MongoDB connection carries one request (or reply) at a time, so a read
+    usually returns exactly one whole frame. Such a read is returned as the
+    same bytes object, without a copy. Bytes that do not end at a frame
+    boundary are gathered in a bytearray, and each frame is copied out of it
+    once.
     """
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        # The received bytes not yet returned are `_chunk[_offset:]` while `_buffer`
+        # is empty, and `_buffer` otherwise (then `_chunk` is empty).
         self._buffer = bytearray()
+        self._chunk = b""
+        self._offset = 0
         self.max_message_size = max_message_size
 
     @property
@@ -46,7 +56,7 @@ class FrameReader:
     @property
     def pending_bytes(self) -> int:
         """The number of received bytes that do not yet form a whole frame."""
-        return len(self._buffer)
+        return len(self._buffer) + len(self._chunk) - self._offset
 
     def feed(self, data: bytes) -> None:
         """Append received bytes.
@@ -54,7 +64,16 @@ class FrameReader:
         Raises ProtocolError when these bytes complete the length of the next
         frame and that length is out of bounds.
         """
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+        elif self._offset < len(self._chunk):
+            self._buffer += memoryview(self._chunk)[self._offset :]
+            self._buffer += data
+            self._chunk, self._offset = b"", 0
+        else:
+            # Kept as it is: a bytes object is immutable, so a frame can be this object.
+            self._chunk = data if type(data) is bytes else bytes(data)
+            self._offset = 0
         self._next_length()
 
     def next_frame(self) -> bytes | None:
@@ -64,19 +83,47 @@ class FrameReader:
         next frame's messageLength is below 16 or above max_message_size.
         """
         length = self._next_length()
-        if length is None or len(self._buffer) < length:
+        if length is None:
             return None
+        if self._buffer:
+            return self._frame_from_buffer(length)
 
-        frame = bytes(self._buffer[:length])
-        del self._buffer[:length]
+        chunk, offset = self._chunk, self._offset
+        end = offset + length
+        if end > len(chunk):
+            # A partial frame: later bytes are appended to it in the buffer.
+            self._buffer += memoryview(chunk)[offset:]
+            self._chunk, self._offset = b"", 0
+            return None
+        if end == len(chunk):
+            self._chunk, self._offset = b"", 0
+            return chunk if offset == 0 else chunk[offset:]
+        self._offset = end
+        return chunk[offset:end]
+
+    def _frame_from_buffer(self, length: int) -> bytes | None:
+        buffer = self._buffer
+        if len(buffer) < length:
+            return None
+        if len(buffer) == length:
+            frame = bytes(buffer)
+            buffer.clear()
+            return frame
+        with memoryview(buffer) as view:
+            frame = bytes(view[:length])
+        del buffer[:length]
         return frame
 
     def _next_length(self) -> int | None:
         """Return the checked messageLength of the next frame, or None if unknown."""
-        if len(self._buffer) < _LENGTH.size:
+        if self._buffer:
+            data, offset = self._buffer, 0
+        else:
+            data, offset = self._chunk, self._offset
+        if len(data) - offset < _LENGTH.size:
             return None
 
-        (length,) = _LENGTH.unpack_from(self._buffer, 0)
+        (length,) = _LENGTH.unpack_from(data, offset)
         if length < HEADER_SIZE:
             raise ProtocolError(
                 f"messageLength {length} is smaller than the {HEADER_SIZE}-byte header",

@@ -12,6 +12,8 @@ HEADER_SIZE = 16
 
 # Four little-endian int32 values: messageLength, requestID, responseTo, opCode.
 _HEADER = struct.Struct("<iiii")
+_INT32 = struct.Struct("<i")
+_OP_CODE_OFFSET = 12
 
 
 class OpCode(IntEnum):
@@ -53,6 +55,18 @@ def parse_header(data: bytes) -> MsgHeader:
             f"message header needs {HEADER_SIZE} bytes, got {len(data)}", len(data)
         )
     return MsgHeader(*_HEADER.unpack_from(data, 0))
+
+
+def op_code_of(frame: bytes) -> int:
+    """Return the opCode of a frame without decoding the rest of its header.
+
+    Raises ProtocolError, as parse_header does, when fewer than 16 bytes are given.
+    """
+    if len(frame) < HEADER_SIZE:
+        raise ProtocolError(
+            f"message header needs {HEADER_SIZE} bytes, got {len(frame)}", len(frame)
+        )
+    return _INT32.unpack_from(frame, _OP_CODE_OFFSET)[0]
 
 
 def encode_header(

@@ -21,9 +21,18 @@ from typing import NamedTuple
 import bson
 import crc32c
 
-from proxy.wire._bson_scan import STRING, iter_elements, read_string
+from proxy.wire._bson_scan import (
+    ARRAY,
+    EMBEDDED_DOCUMENT,
+    STRING,
+    VALUE_SIZE_BY_TYPE,
+    read_string,
+    skip_value,
+    value_end,
+)
 from proxy.wire._decode import (
     INT32,
+    MIN_DOCUMENT_SIZE,
     UINT32,
     decode_document,
     decode_documents,
@@ -43,7 +52,14 @@ EXHAUST_ALLOWED = 1 << 16
 
 _REQUIRED_BITS = 0xFFFF
 _KNOWN_REQUIRED_BITS = CHECKSUM_PRESENT | MORE_TO_COME
+_UNKNOWN_REQUIRED_BITS = _REQUIRED_BITS & ~_KNOWN_REQUIRED_BITS
 _MAX_FLAG_BITS = 0xFFFFFFFF
+
+# The header's four int32 values and flagBits, read at once by _check_prefix, and
+# then the kind and size of the first section, read by _body_span.
+_PREFIX = struct.Struct("<iiiiI")
+_ONE_SECTION = struct.Struct("<iiiiIBi")
+_OP_MSG = int(OpCode.MSG)
 
 _BODY_KIND = 0
 _SEQUENCE_KIND = 1
@@ -162,9 +178,8 @@ def peek_op_msg(frame: bytes) -> CommandPeek:
     RepeatedCommandField (a ProtocolError), because the proxy and the server
     might otherwise act on different copies. An empty body gives the name "".
     """
-    flag_bits = _check_prefix(frame)
-    sections = _find_sections(frame, flag_bits)
-    return _peek_body(frame, sections, flag_bits)
+    flag_bits, body_offset, body_end = _body_span(frame)
+    return _peek_body(frame, body_offset, body_end, flag_bits)
 
 
 def peek_reply_ok(frame: bytes) -> bool | None:
@@ -175,23 +190,59 @@ def peek_reply_ok(frame: bytes) -> bool | None:
     over the body's few top-level elements. Raises ProtocolError for a malformed
     frame.
     """
+    _, body_offset, body_end = _body_span(frame)
+    last = body_end - 1
+    if frame[last] != 0:
+        raise ProtocolError("document does not end with a zero byte", last)
+
+    # The walk of iter_elements, without a generator, because this runs on every reply.
+    find = frame.find
+    position = body_offset + INT32.size
+    while position < last:
+        type_byte = frame[position]
+        key_offset = position + 1
+        key_end = find(b"\x00", key_offset, last)
+        if key_end < 0:
+            raise ProtocolError("element name has no terminating zero byte", key_offset)
+        position = value_end(frame, type_byte, key_end + 1, last)
+        if key_end - key_offset == 2 and frame[key_offset:key_end] == b"ok":
+            decoder = _OK_DECODERS.get(type_byte)
+            if decoder is None:
+                return None
+            return decoder.unpack_from(frame, key_end + 1)[0] == 1
+    return None
+
+
+def _body_span(frame: bytes) -> tuple[int, int, int]:
+    """Check the header and the sections, and return the flag bits and the body's start and end.
+
+    Most messages are a header, flag bits without checksumPresent and one body
+    section that fills the rest, which one unpack confirms. Any other frame gets
+    the full checks of _check_prefix and _find_sections, which also explain an
+    invalid one.
+    """
+    if len(frame) >= _ONE_SECTION.size:
+        message_length, _, _, op_code, flag_bits, kind, body_size = _ONE_SECTION.unpack_from(frame)
+        if (message_length == len(frame) and op_code == _OP_MSG
+                and not flag_bits & (_UNKNOWN_REQUIRED_BITS | CHECKSUM_PRESENT)
+                and kind == _BODY_KIND and body_size >= MIN_DOCUMENT_SIZE
+                and _SECTIONS_OFFSET + 1 + body_size == message_length):
+            return flag_bits, _SECTIONS_OFFSET + 1, message_length
     flag_bits = _check_prefix(frame)
     sections = _find_sections(frame, flag_bits)
-    for type_byte, key, _, value_offset, _ in iter_elements(
-            frame, sections.body_offset, sections.body_end):
-        if key != b"ok":
-            continue
-        decoder = _OK_DECODERS.get(type_byte)
-        if decoder is None:
-            return None
-        return decoder.unpack_from(frame, value_offset)[0] == 1
-    return None
+    return flag_bits, sections.body_offset, sections.body_end
 
 
 def _check_prefix(frame: bytes) -> int:
     """Check the header and return the flag bits, rejecting unknown required bits."""
-    check_frame(frame, OpCode.MSG)
-    flag_bits = read_uint32(frame, _FLAGS_OFFSET, len(frame), "flagBits")
+    if len(frame) >= _SECTIONS_OFFSET:
+        # One unpack reads a valid header. Any other frame takes the checks that explain it.
+        message_length, _, _, op_code, flag_bits = _PREFIX.unpack_from(frame)
+        if message_length != len(frame) or op_code != _OP_MSG:
+            check_frame(frame, OpCode.MSG)
+    else:
+        check_frame(frame, OpCode.MSG)
+        flag_bits = read_uint32(frame, _FLAGS_OFFSET, len(frame), "flagBits")
 
     unknown = flag_bits & _REQUIRED_BITS & ~_KNOWN_REQUIRED_BITS
     if unknown:
@@ -223,6 +274,13 @@ def _find_sections(frame: bytes, flag_bits: int) -> _Sections:
         end -= _CHECKSUM_SIZE
     if end <= _SECTIONS_OFFSET:
         raise ProtocolError("OP_MSG has no sections", _SECTIONS_OFFSET)
+
+    # Most messages are one body section that fills the frame, for which the walk
+    # below would find the same offsets.
+    if frame[_SECTIONS_OFFSET] == _BODY_KIND and end - _SECTIONS_OFFSET > INT32.size:
+        body_size = INT32.unpack_from(frame, _SECTIONS_OFFSET + 1)[0]
+        if body_size >= MIN_DOCUMENT_SIZE and _SECTIONS_OFFSET + 1 + body_size == end:
+            return _Sections(_SECTIONS_OFFSET + 1, end, [])
 
     body: tuple[int, int] | None = None
     spans = []
@@ -299,33 +357,100 @@ def _encode_sequence(sequence: DocumentSequence) -> bytes:
     )
 
 
-def _peek_body(frame: bytes, sections: _Sections, flag_bits: int) -> CommandPeek:
+def _peek_body(frame: bytes, offset: int, end: int, flag_bits: int) -> CommandPeek:
+    """Read the command name, collection and $db from the body's top-level elements.
+
+    Every element is visited, because a repeated watched name must be found
+    wherever it is. The walk is inlined like iter_elements' own, without a
+    generator, and a name is only compared when its length is that of a watched
+    name, because this runs on every request the proxy forwards.
+    """
+    data = frame
+    last = end - 1
+    if data[last] != 0:
+        raise ProtocolError("document does not end with a zero byte", last)
+
+    unpack = INT32.unpack_from
+    find = data.find
+    value_sizes = VALUE_SIZE_BY_TYPE
     name = ""
     collection = None
     database = None
-    watched: set[bytes] = set()
-    seen: set[bytes] = set()
+    get_more = False
+    watched: tuple[bytes, ...] = ()
+    watched_sizes: tuple[int, ...] = ()
+    seen: list[bytes] = []
+    position = offset + INT32.size
+    while position < last:
+        type_byte = data[position]
+        key_offset = position + 1
+        key_end = find(b"\x00", key_offset, last)
+        if key_end < 0:
+            raise ProtocolError("element name has no terminating zero byte", key_offset)
 
-    elements = iter_elements(frame, sections.body_offset, sections.body_end)
-    for type_byte, key, key_offset, value_offset, value_end in elements:
-        if not watched:
+        value_offset = key_end + 1
+        size = value_sizes[type_byte]
+        if size >= 0:
+            value_end = value_offset + size
+            if value_end > last:
+                raise ProtocolError("element value overruns its document", value_offset)
+        elif type_byte == STRING or type_byte == EMBEDDED_DOCUMENT or type_byte == ARRAY:
+            length = unpack(data, value_offset)[0] if value_offset + INT32.size <= last else 0
+            if type_byte == STRING:
+                value_end = value_offset + INT32.size + length
+                valid = length >= 1
+            else:
+                value_end = value_offset + length
+                valid = length >= MIN_DOCUMENT_SIZE
+            if not valid or value_end > last or data[value_end - 1] != 0:
+                value_end = skip_value(data, type_byte, value_offset, last)
+        else:
+            value_end = skip_value(data, type_byte, value_offset, last)
+        position = value_end
+
+        if watched:
+            if key_end - key_offset not in watched_sizes:
+                continue
+            key = data[key_offset:key_end]
+            if key not in watched:
+                continue
+        else:
             # The first element: its key is the command name.
-            name = decode_utf8(key, key_offset, "command name")
-            watched = {key, b"$db", b"collection"} if name == "getMore" else {key, b"$db"}
-            if name != "getMore" and type_byte == STRING:
-                collection = read_string(frame, value_offset, value_end, "collection name")
+            key = data[key_offset:key_end]
+            name = _decode_or_raise(key, key_offset, "command name")
+            get_more = name == "getMore"
+            if get_more:
+                watched, watched_sizes = (key, b"$db", b"collection"), (len(key), 3, 10)
+            else:
+                watched, watched_sizes = (key, b"$db"), (len(key), 3)
+            if not get_more and type_byte == STRING:
+                collection = _string_value(data, value_offset, value_end, "collection name")
 
-        if key not in watched:
-            continue
         if key in seen:
             raise RepeatedCommandField(key.decode("utf-8", "replace"), key_offset)
-        seen.add(key)
+        seen.append(key)
 
         if type_byte != STRING:
             continue
         if key == b"$db":
-            database = read_string(frame, value_offset, value_end, "value of $db")
-        elif key == b"collection" and name == "getMore":
-            collection = read_string(frame, value_offset, value_end, "value of collection")
+            database = _string_value(data, value_offset, value_end, "value of $db")
+        elif get_more and key == b"collection":
+            collection = _string_value(data, value_offset, value_end, "value of collection")
 
     return CommandPeek(name, collection, database, flag_bits)
+
+
+def _decode_or_raise(raw: bytes, offset: int, field: str) -> str:
+    # decode_utf8 with the common case first, because it runs up to three times per request.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return decode_utf8(raw, offset, field)
+
+
+def _string_value(data: bytes, value_offset: int, value_end: int, field: str) -> str:
+    """Decode a string value that the walk measured, as read_string does."""
+    try:
+        return data[value_offset + INT32.size : value_end - 1].decode("utf-8")
+    except UnicodeDecodeError:
+        return read_string(data, value_offset, value_end, field)

@@ -239,6 +239,54 @@ def test_checksummed_frame_forwarded_same_bytes(mock, recorder, raw):
     assert recorder.received_with_id(503) == [sent]
 
 
+def test_request_split_across_writes_forwarded_same_bytes(mock, recorder, raw):
+    # The proxy reads the frame in pieces and forwards it once it is whole.
+    sent = op_msg({"find": "visits", "filter": {"note": "x" * 300}, "$db": "clinic"},
+                  request_id=507)
+
+    for start in range(0, len(sent), 97):
+        raw.sendall(sent[start:start + 97])
+    request = mock.receives(OpMsg("find", "visits"))
+    request.replies(cursor={"id": 0, "ns": "clinic.visits", "firstBatch": []})
+    receive_frame(raw)
+
+    assert recorder.received_with_id(507) == [sent]
+
+
+def test_requests_in_one_write_forwarded_same_bytes(mock, recorder, raw):
+    # Two requests that arrive in one read are forwarded one at a time, in order.
+    first = op_msg({"count": "visits", "$db": "clinic"}, request_id=508)
+    second = op_msg({"count": "visits", "query": {"a": 1}, "$db": "clinic"}, request_id=509)
+
+    raw.sendall(first + second)
+    mock.receives(OpMsg("count", "visits")).replies(n=1)
+    first_reply = recorder.sent[-1]
+    received_first = receive_frame(raw)
+    mock.receives(OpMsg("count", "visits")).replies(n=2)
+    second_reply = recorder.sent[-1]
+    received_second = receive_frame(raw)
+
+    assert recorder.received_with_id(508) == [first]
+    assert recorder.received_with_id(509) == [second]
+    assert received_first == first_reply
+    assert received_second == second_reply
+
+
+def test_large_reply_returned_same_bytes(mock, recorder, raw):
+    # A reply of several socket reads, larger than the proxy's read-ahead limit.
+    raw.sendall(op_msg({"find": "visits", "filter": {}, "$db": "clinic"}, request_id=510))
+    request = mock.receives(OpMsg("find", "visits"))
+    batch = [{"_id": index, "blob": bson.Binary(bytes([index % 256]) * 50_000, 0)}
+             for index in range(8)]
+    request.replies(cursor={"id": 0, "ns": "clinic.visits", "firstBatch": batch})
+    sent_reply = recorder.sent[-1]
+
+    received = receive_frame(raw)
+
+    assert len(sent_reply) > 400_000
+    assert received == sent_reply
+
+
 # -- replies ---------------------------------------------------------------------------
 
 

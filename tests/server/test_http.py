@@ -8,6 +8,7 @@ that nothing listens on.
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import socket
 import time
@@ -353,3 +354,16 @@ async def test_readyz_reports_checks(mongo_client: AsyncMongoClient) -> None:
     assert stopping_status == 503
     assert json.loads(stopping_body)["reason"] == "proxy: shutting down"
     assert health_status == 200
+
+
+async def test_wrong_master_key_not_ready(mongo_client: AsyncMongoClient) -> None:
+    """Keys wrapped by another master key: the proxy could serve no protected value."""
+    vault = _vault(mongo_client)
+    await vault.load_class_key("identity", create=True)
+    wrong = LocalProvider.from_key("local", LocalMasterKey(os.urandom(96)))
+    wrong_vault = KeyVault(vault.collection, MasterKeys([wrong], "local"))
+
+    result = await Readiness(mongo_client, wrong_vault).check()
+
+    assert not result.ready
+    assert "no configured master key unwraps it" in result.checks["master_key"]

@@ -164,3 +164,59 @@ def test_reader_any_split(payloads, data):
         frames.extend(drain(reader))
 
     assert frames == [make_frame(payload, index) for index, payload in enumerate(payloads)]
+
+
+def test_reader_whole_read_returned_without_copy():
+    # A read that holds exactly one frame, as most reads do, is the frame itself.
+    frame = FRAMES[2]
+    reader = FrameReader(1000)
+    reader.feed(frame)
+
+    assert reader.next_frame() is frame
+    assert reader.pending_bytes == 0
+
+
+def test_reader_feeds_without_draining_in_between():
+    stream = b"".join(FRAMES)
+    reader = FrameReader(1000)
+    for start in range(0, len(stream), 7):
+        reader.feed(stream[start:start + 7])
+
+    assert reader.pending_bytes == len(stream)
+    assert drain(reader) == FRAMES
+    assert reader.pending_bytes == 0
+
+
+def test_reader_bytearray_input_copied():
+    data = bytearray(FRAMES[0])
+    reader = FrameReader(1000)
+    reader.feed(data)
+    data[16:] = b"changed"
+
+    assert reader.next_frame() == FRAMES[0]
+
+
+def test_reader_rest_of_read_kept_for_next_frame():
+    reader = FrameReader(1000)
+    reader.feed(FRAMES[0] + FRAMES[2][:20])
+
+    assert reader.next_frame() == FRAMES[0]
+    assert reader.next_frame() is None
+    assert reader.pending_bytes == 20
+
+    reader.feed(FRAMES[2][20:] + FRAMES[1])
+
+    assert drain(reader) == [FRAMES[2], FRAMES[1]]
+
+
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=6), st.data())
+def test_reader_pending_bytes_any_split(payloads, data):
+    stream = b"".join(make_frame(payload, index) for index, payload in enumerate(payloads))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    reader = FrameReader(1000)
+    returned = 0
+    for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+        reader.feed(stream[start:end])
+        if data.draw(st.booleans()):
+            returned += sum(len(frame) for frame in drain(reader))
+        assert reader.pending_bytes == end - returned

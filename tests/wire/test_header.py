@@ -11,6 +11,7 @@ from proxy.wire.header import (
     OpCode,
     check_frame,
     encode_header,
+    op_code_of,
     parse_header,
 )
 
@@ -86,3 +87,15 @@ def test_header_parses_or_rejects(data):
         parse_header(data)
     except ProtocolError:
         pass
+
+
+@given(INT32, INT32, INT32, INT32, st.binary(max_size=8))
+def test_op_code_of_reads_op_code(length, request_id, response_to, op_code, rest):
+    frame = encode_header(length, request_id, response_to, op_code) + rest
+
+    assert op_code_of(frame) == op_code == parse_header(frame).op_code
+
+
+def test_op_code_of_short_frame_rejected():
+    with pytest.raises(ProtocolError, match="message header needs 16 bytes, got 15"):
+        op_code_of(bytes(15))
