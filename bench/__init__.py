@@ -1,4 +1,7 @@
-"""mongoveil's benchmark suite: `make bench` runs `python -m bench.suite` and writes bench/RESULTS.md.
+"""mongoveil's benchmark suite.
+
+`make bench` runs `python -m bench.suite`, which prints the results and writes
+bench/RESULTS.md.
 
 Modules:
 

@@ -105,8 +105,10 @@ class BulkDocument:
         self._explicit = ExplicitEncrypter(callback, options)
         self._automatic = AutoEncrypter(callback, options)
 
-        self.plaintext = {f"key{number:04d}": f"value {number:04d}" for number in range(1, fields + 1)}
-        encrypted = {name: self._encrypt(value, data_key.id) for name, value in self.plaintext.items()}
+        self.plaintext = {f"key{number:04d}": f"value {number:04d}"
+                          for number in range(1, fields + 1)}
+        encrypted = {name: self._encrypt(value, data_key.id)
+                     for name, value in self.plaintext.items()}
         self.encoded = bson.encode(encrypted, codec_options=CODEC_OPTIONS)
         self._values = list(encrypted.values())
 
@@ -118,7 +120,8 @@ class BulkDocument:
         self._context = RewriteContext(policy, self._ring, {CLASS_NAME: View.CLEAR})
 
     def _encrypt(self, value: str, key_id: uuid.UUID):
-        encoded = self._explicit.encrypt(bson.encode({"v": value}), DETERMINISTIC, key_id=key_id.bytes)
+        encoded = self._explicit.encrypt(bson.encode({"v": value}), DETERMINISTIC,
+                                         key_id=key_id.bytes)
         return bson.decode(encoded, codec_options=CODEC_OPTIONS)["v"]
 
     def decryptor(self, name: str) -> Callable[[], object]:

@@ -94,7 +94,8 @@ class MachineCPU:
 
     @classmethod
     def read(cls) -> MachineCPU:
-        values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        first_line = Path("/proc/stat").read_text().split("\n", 1)[0]
+        values = [int(value) for value in first_line.split()[1:]]
         # Fields: user nice system idle iowait irq softirq steal guest guest_nice.
         # guest and guest_nice are already included in user and nice.
         total = sum(values[:8])

@@ -29,7 +29,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def main(listen_port: int, upstream_host: str, upstream_port: int) -> None:
     async def accept(client_reader, client_writer):
         server_reader, server_writer = await asyncio.open_connection(upstream_host, upstream_port)
-        await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+        await asyncio.gather(_pipe(client_reader, server_writer),
+                             _pipe(server_reader, client_writer))
 
     server = await asyncio.start_server(accept, "127.0.0.1", listen_port)
     async with server:

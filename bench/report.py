@@ -100,7 +100,10 @@ class Measurements:
 
     def encryption_cpu_per_document(self, workload: str, clients: int,
                                     baseline: str) -> Spread | None:
-        """Summarize the peer's client CPU per document minus the baseline path's, its encryption work."""
+        """Summarize the peer's encryption CPU per document.
+
+        That is the peer's client CPU per document minus the baseline path's.
+        """
         return self.paired(workload, clients, PEER, baseline, lambda peer, base: (
             (peer.client_cpu / peer.operations - base.client_cpu / base.operations)
             / peer.documents_per_operation))
@@ -128,7 +131,8 @@ def workload_rows(measurements: Measurements) -> list[tuple[str, ...]]:
                 return ""
             return spread_text(measurements.paired(
                 workload, clients, path, DIRECT,
-                lambda run, direct: (run.percentile(fraction) - direct.percentile(fraction)) * MILLI))
+                lambda run, direct: (run.percentile(fraction)
+                                     - direct.percentile(fraction)) * MILLI))
 
         rows.append((
             workload, str(clients), path,

@@ -73,7 +73,8 @@ def render(results: RunResults) -> str:
 
 def _header(results: RunResults) -> str:
     environment = results.environment
-    minutes = "" if environment.elapsed is None else f"; the run took {environment.elapsed / 60:.1f} min"
+    minutes = ("" if environment.elapsed is None
+               else f"; the run took {environment.elapsed / 60:.1f} min")
     lines = [f"Command: `{environment.command}` (bench/suite.py)",
              f"Date: {environment.started:%Y-%m-%d %H:%M} UTC{minutes}",
              *environment.machine_lines(), *environment.software_lines(),
@@ -166,11 +167,12 @@ def _idle(results: RunResults) -> str:
         "reply and stays idle; VmRSS is read after the connections have been idle for "
         f"{results.settings.idle_settle_seconds:g} s. MB is 10^6 bytes.\n\n")
     text += table(header, rows)
-    held = min(sample.connections for sample in results.idle)
-    if held < requested:
+    fewest_connections = min(sample.connections for sample in results.idle)
+    if fewest_connections < requested:
         text += (f"\n\nThe proxy holds two sockets per client connection (client and upstream), "
                  f"and its hard limit of open files is {results.idle[0].fd_limit:,}, so only "
-                 f"{held:,} connections fit. The last column is an estimate: VmRSS before plus "
+                 f"{fewest_connections:,} connections fit. The last column is an estimate: "
+                 f"VmRSS before plus "
                  f"{requested:,} times the measured memory per connection.")
     return text
 
@@ -194,9 +196,9 @@ def _profiles(profiles: list[Profile]) -> str:
     for profile in profiles:
         part = f"### {profile.title}\n\n{profile.description}"
         if profile.summary is None or profile.summary.samples == 0:
-            reason = profile.unavailable or (
-                "py-spy recorded no working samples"
-                + (f" ({profile.summary.idle_samples:,} waiting for I/O)" if profile.summary else ""))
+            reason = profile.unavailable or "py-spy recorded no working samples"
+            if profile.summary is not None:
+                reason += f" ({profile.summary.idle_samples:,} waiting for I/O)"
             part += f"\n\nNo profile: {reason}."
             parts.append(part)
             continue

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 POLICY_SOURCE = Path(__file__).with_name("policy.yaml")
 STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
-SERVER_CACHE_SIZE = "4G"      # WiredTiger cache of the in-memory server, which contains all its data
+# WiredTiger cache of the in-memory server, which contains all of the server's data.
+SERVER_CACHE_SIZE = "4G"
 
 
 def free_port() -> int:

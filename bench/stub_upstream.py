@@ -62,7 +62,8 @@ def _command_of(opcode: int, payload: bytes) -> tuple[dict, bool] | None:
     if opcode == OP_MSG:
         flags = struct.unpack_from("<I", payload)[0]
         if payload[4] != 0:
-            # pymongo and the proxy send the body section (kind 0) first, so no other layout is served.
+            # pymongo and the proxy send the body section (kind 0) first, so only that
+            # layout is served.
             return None
         length = struct.unpack_from("<i", payload, 5)[0]
         return bson.decode(payload[5:5 + length]), not flags & MORE_TO_COME

@@ -352,7 +352,8 @@ def run(settings: Settings, workdir: Path) -> RunResults:
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.suite",
-                                     description="Run mongoveil's benchmarks and write the results.")
+                                     description="Run mongoveil's benchmarks and write the "
+                                                 "results.")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and 1 repetition, to check that the suite works")
     parser.add_argument("--output", type=Path, default=None, metavar="FILE",

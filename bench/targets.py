@@ -90,10 +90,11 @@ def idle_memory_check(samples: list[IdleMemorySample]) -> TargetCheck:
     if not samples:
         return TargetCheck(target, "", limit, None)
     rss = Spread.of(sample.rss_at_requested / 1e6 for sample in samples)
-    held = min(sample.connections for sample in samples)
+    fewest_connections = min(sample.connections for sample in samples)
     measured = f"{rss.format()} MB"
-    if held < requested:
-        measured += (f", estimated from {held:,} connections (the most the proxy's limit of "
+    if fewest_connections < requested:
+        measured += (f", estimated from {fewest_connections:,} connections (the most the "
+                     f"proxy's limit of "
                      f"{samples[0].fd_limit:,} open files allows) and the memory per connection")
     met = rss.median < IDLE_MEMORY_LIMIT_BYTES / 1e6
     shortfall = "" if met else over_limit(rss.median * 1e6 / IDLE_MEMORY_LIMIT_BYTES)

@@ -190,7 +190,8 @@ class FindBySSN(Workload):
                 return client.clinic.patients.find_one({"ssn": value})
         else:
             def find(client: MongoClient, index: int) -> object:
-                return client.clinic.patients.find_one({"ssn": patients[index % len(patients)]["ssn"]})
+                value = patients[index % len(patients)]["ssn"]
+                return client.clinic.patients.find_one({"ssn": value})
         return find
 
     def check(self, target: Target, server: MongoClient) -> None:

@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))       # bench/ is a folder of the checkout, not an installed package
+    # bench/ is a folder of the checkout, not an installed package.
+    sys.path.insert(0, str(REPO))
 
 from bench.profiling import summarize  # noqa: E402
 from bench.report import Spread  # noqa: E402
@@ -35,8 +36,8 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, str, str |
     digest of bench/RESULTS.md before the run."""
     output = tmp_path_factory.mktemp("bench") / "RESULTS.md"
     recorded_before = _digest(RECORDED_RESULTS)
-    result = subprocess.run([sys.executable, "-m", "bench.suite", "--quick", "--output", str(output)],
-                            cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "bench.suite", "--quick",
+                             "--output", str(output)], cwd=REPO, capture_output=True, text=True,
                             timeout=SMOKE_TIMEOUT_SECONDS, check=False)
     page = output.read_text() if output.exists() else ""
     return result, page, recorded_before
@@ -73,7 +74,8 @@ def test_quick_run_measures_every_path(quick_run):
 def test_quick_run_checks_every_target(quick_run):
     _, page, _ = quick_run
     section = page.split("## Targets", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = [line for line in section.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 10          # 2 pass-through, 6 protected, memory, bulk decryption
     for row in rows:
         cells = row.split(" | ")
