@@ -361,7 +361,7 @@ async def _keys_command(args: argparse.Namespace) -> list[str]:
 
 
 def _subject_value(args: argparse.Namespace) -> object:
-    """The subject of `keys shred`: --subject as a string, or --subject-json decoded."""
+    """Return the subject of `keys shred`: --subject as a string, or --subject-json decoded."""
     if args.subject is not None:
         return args.subject
 
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PyMongoError as error:
         # pymongo's messages name hosts and reasons, never the password of a URI.
-        # The first clause says what failed; the topology description after it does not help.
+        # The first clause names the failure; the topology description after it is noise.
         reason = str(error).split(" (configured timeouts")[0]
         print(f"mongoveil: error: the MongoDB server could not be used: "
               f"{type(error).__name__}: {reason}", file=sys.stderr)

@@ -117,8 +117,16 @@ def _key_row(info: KeyInfo) -> dict[str, object]:
         "class": info.class_name,
         "provider": info.provider,
         "created": created,
-        "status": "disabled" if info.disabled else ("retired" if info.kind == "retired" else "active"),
+        "status": _status(info),
     }
+
+
+def _status(info: KeyInfo) -> str:
+    if info.disabled:
+        return "disabled"
+    if info.kind == "retired":
+        return "retired"
+    return "active"
 
 
 def _format_table(rows: list[dict[str, object]]) -> list[str]:

@@ -198,7 +198,7 @@ async def shred_subject(
             deleted = await vault.delete_named_key(alt_name)
         except Exception:
             if mac_key is not None:
-                # The record above says the shred was asked for; this one says it failed.
+                # The record above logs the shred request, and this one logs its failure.
                 append_sealed(policy.audit_file, mac_key, "key.shred.failed",
                               {"class": class_name, "key_id": str(info.id)})
             raise

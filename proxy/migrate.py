@@ -295,7 +295,7 @@ def _migrate_batch(collection: Collection, batch: list[dict], scope: Scope, keys
             errors.write(f"document _id {document_id!r}: write failed with code "
                          f"{write_error.get('code')}\n")
     counts.encrypted += matched
-    # An estimate when some writes fail: the failures are not told apart by kind.
+    # An estimate when some writes fail, because failures are not counted by kind.
     counts.reencrypted += min(reencrypted, matched)
     counts.failed += failed
     counts.skipped += len(requests) - matched - failed

@@ -36,9 +36,9 @@ from proxy.crypto.errors import DecryptionError, KeyNotFound, KeyNotLoaded
 
 PSEUDONYM_PREFIX = "pseu:"
 
-# Filters compare with a value encrypted under this key when a subject has no data key:
-# no stored ciphertext names key id 0, so the comparison matches no stored value, as it
-# should, and the key vault gains no key for a subject that was only looked up.
+# Filters compare with a value encrypted under this key when a subject has no data key.
+# No stored ciphertext names key id 0, so the comparison matches no stored value, and the
+# key vault gains no key for a subject that was only looked up.
 _NOWHERE_KEY = DataKey(uuid.UUID(int=0), os.urandom(96), ())
 
 _PSEUDONYM_INFO = b"mongoveil pseudonym"
@@ -231,7 +231,7 @@ class KeyRing:
 
         The name carries a keyed token instead of the subject: HMAC-SHA-256 of the
         subject's BSON type byte and value bytes, keyed with a sub-key that HKDF
-        derives from the class key (info "mongoveil subject"). Whoever reads the key
+        derives from the class key (info "mongoveil subject"). A reader of the key
         vault learns nothing about the subject, and the proxy finds the key again
         from the subject alone. Raises KeyNotLoaded(class_name=...) when the class
         key is not loaded.

@@ -142,8 +142,8 @@ class KeyVault:
                 await self._call_provider(active, active.unwrap, wrapped.key_material,
                                           wrapped.master_key)
             except DecryptionError:
-                # Another configured key of the same kind may have wrapped it; if none
-                # did, the proxy holds the wrong master key and is not ready.
+                # Another configured key of the same kind may have wrapped it. If none
+                # did, the proxy has the wrong master key and is not ready.
                 try:
                     await self.unwrap(doc)
                 except KeyDocumentError:
@@ -227,7 +227,7 @@ class KeyVault:
         return await self.unwrap(doc)
 
     async def is_disabled_name(self, alt_name: str) -> bool:
-        """Tell whether the key that holds this alt name is disabled."""
+        """Tell whether the key with this alt name is disabled."""
         doc = await self._collection.find_one(
             {"keyAltNames": alt_name}, projection={"status": True})
         return doc is not None and doc.get("status") == STATUS_DISABLED
@@ -291,7 +291,7 @@ class KeyVault:
 
         The key gets "mongoveil:CLASS:retired:ID" in its place and `mongoveil.retiredAt`,
         so it keeps decrypting old values while the next `load_class_key(create=True)`
-        creates a new class key. Returns None when no key holds the class name.
+        creates a new class key. Returns None when no key has the class name.
         """
         if now is None:
             now = datetime.datetime.now(datetime.timezone.utc)

@@ -84,12 +84,12 @@ def with_subject(scope: Scope, subject_field: str, subject: object) -> Scope:
 
 
 def subject_fields(scope: Scope) -> set[str]:
-    """The subject fields of the classes with one key per subject (none in most policies)."""
+    """Return the subject fields of the classes with one key per subject (usually none)."""
     return set(scope.policy.key_per.values())
 
 
 def missing_subject_error(class_name: str, path: str, scope: Scope) -> CommandError:
-    """The rejection of a statement that uses a value of a key_per class without its subject."""
+    """Build the rejection of a statement that uses a key_per class value without its subject."""
     field = scope.policy.key_per[class_name]
     return bad_value(
         f"field '{path}' in {scope.namespace} belongs to class '{class_name}', which has one "

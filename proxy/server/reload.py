@@ -27,7 +27,7 @@ DEFAULT_POLL_SECONDS = 2.0
 
 
 class ReloadRefused(Exception):
-    """A new policy file was read but not put in force; the message says why."""
+    """A new policy file was read but not put in force; the message gives the reason."""
 
 
 def check_reloadable(old: Policy, new: Policy) -> None:
@@ -68,7 +68,7 @@ class PolicyReloader:
             check_reloadable(self.current, policy)
         except (PolicyError, ReloadRefused, MasterKeyError, OSError) as error:
             self.failures += 1
-            log.error("policy reload (%s) refused, the old policy stays in force: %s",
+            log.error("policy reload (%s) rejected, the old policy stays in force: %s",
                       trigger, error)
             return False
 
@@ -105,6 +105,6 @@ class PolicyReloader:
         try:
             status = os.stat(self.path)
         except OSError:
-            # A file being replaced may be missing for a moment; the next poll sees it.
+            # A file being replaced may be missing for a moment, so the next poll reads it again.
             return None
         return (status.st_mtime_ns, status.st_size, status.st_ino)

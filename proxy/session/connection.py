@@ -180,7 +180,7 @@ class UpstreamNotPrimary(Exception):
 
 
 class SharedState:
-    """What every connection of one proxy process shares and a reload or a grant changes.
+    """State shared by every connection of one proxy process, changed by reloads and grants.
 
     `policy` is replaced by a reload, which also increments `generation`, so each
     connection recomputes its roles and views before its next command.
@@ -936,7 +936,7 @@ class ClientSession:
     # -- audit ------------------------------------------------------------
 
     def _audit_fields(self, peek) -> dict | None:
-        """The audit fields of a command on a protected namespace, or None when none are due."""
+        """Return the audit fields of a command on a protected namespace, or None when none are due."""
         policy = self.state.policy
         if not policy.audit.enabled or not peek.database or not peek.collection:
             return None
@@ -949,7 +949,7 @@ class ClientSession:
                               views=self.context.views)
 
     def _reached_audit_fields(self, name: str, message: OpMsg) -> dict | None:
-        """The audit fields of a command that reaches protected namespaces other than its own."""
+        """Return the audit fields of a command that reaches protected namespaces other than its own."""
         policy = self.state.policy
         if name == "bulkWrite":
             entries = message.body.get("nsInfo")
@@ -974,13 +974,13 @@ class ClientSession:
         return fields
 
     def _audit_ready(self) -> bool:
-        """Whether an audited command may run: always with on_failure continue."""
+        """Tell whether an audited command may run; it always may with on_failure continue."""
         if self.state.policy.audit.on_failure != "reject":
             return True
         trail = self.state.shared.audit
         if trail is not None and trail.healthy:
             return True
-        log.warning("conn %d from %s: refused a command on a protected namespace: the audit "
+        log.warning("conn %d from %s: rejected a command on a protected namespace: the audit "
                     "trail cannot be written and audit.on_failure is reject", self.id, self.peer)
         return False
 
@@ -1077,7 +1077,7 @@ class ClientSession:
                               rows=rows)
 
     def _user(self) -> str | None:
-        """The connection's first authenticated user as "name@db", which break-glass grants name."""
+        """Return the connection's first authenticated user as "name@db", the key of break-glass grants."""
         if not self.identity.users:
             return None
         name, db = self.identity.users[0]
@@ -1100,14 +1100,14 @@ class ClientSession:
         self.context = self._new_context()
 
     async def _break_glass(self, frame: bytes) -> None:
-        """Answer a mongoveilBreakGlass command here; it never reaches the server."""
+        """Reply to a mongoveilBreakGlass command in the proxy; it never reaches the server."""
         header = parse_header(frame)
         body = parse_op_msg(frame).body
         try:
             reply, audit = handle_break_glass(body, self._user(), self.identity.policy_roles,
                                               self.state.policy, self.state.grants, _utc_now())
         except CommandError as error:
-            log.warning("conn %d from %s: refused %s for %s: %s", self.id, self.peer,
+            log.warning("conn %d from %s: rejected %s for %s: %s", self.id, self.peer,
                         BREAK_GLASS_COMMAND, self.identity.describe(), error)
             self.meter.reject("break_glass")
             await self._record("break_glass.refused", {

@@ -66,7 +66,7 @@ class KeyService:
 
         With ``create`` False (a filter needs the key only to compare), a key the
         vault lacks is not created: the name is marked absent in the ring instead.
-        Raises NoActiveKey when a disabled key holds the name and ``create`` is True,
+        Raises NoActiveKey when the key with that name is disabled and ``create`` is True,
         and lets key-vault and master-key errors propagate.
         """
         async with self._lock_for("name", alt_name):
@@ -101,9 +101,9 @@ class KeyService:
                 log.warning("data key %s named by a ciphertext is not in the key vault", key_id)
                 self.ring.mark_missing(key_id)
                 return
-            # An active key keeps its current alt names (a class's or a subject's), so a
-            # later write under those names needs no second load; a retired key has none.
-            # A disabled key must not encrypt new values, so its names are not mapped.
+            # An active key keeps its current alt names, so a later write under those names
+            # needs no second load. A disabled key must not encrypt new values, so its names
+            # are not mapped.
             key, disabled = loaded
             self.ring.add(key, class_key=not disabled)
             log.info("loaded data key %s", key_id)
@@ -117,7 +117,7 @@ class KeyService:
 
 
 def key_unavailable_error(class_name: str | None, error: Exception) -> CommandError:
-    """The reply to a write whose data key could not be loaded, naming the key and the cause.
+    """Build the reply to a write whose data key could not be loaded, naming the key and the cause.
 
     An unreachable key vault or master-key provider gets HostUnreachable (6), which
     drivers treat like a network problem, because retrying after it recovers

@@ -38,7 +38,7 @@ NO_POLL_SECONDS = "3600"
 QUIET_SECONDS = 1.0
 
 RELOADED = "policy reloaded ("
-REFUSED = r"policy reload \(.*\) refused, the old policy stays in force: "
+REFUSED = r"policy reload \(.*\) rejected, the old policy stays in force: "
 
 
 def billing_sees_clinical_roles() -> dict:

@@ -50,7 +50,7 @@ class MasterKeyProvider(ABC):
         return all(master_key_doc.get(field) == value for field, value in own.items()
                    if field not in self.location_fields)
 
-    # Fields of masterKey that say where to reach the KMS rather than which key it is.
+    # Fields of masterKey that locate the KMS rather than identify the key.
     location_fields: ClassVar[tuple[str, ...]] = ("endpoint",)
 
     @abstractmethod
