@@ -59,10 +59,19 @@ def new_ids(stored):
 PYMONGO_LOG_LINE = re.compile(r"\S+ \S+ [A-Z]+ pymongo\.")
 
 
+# The prefix the proxy writes before each message: the time, the level, the logger and,
+# for connection lines, "conn N from HOST:PORT:". Ephemeral ports and milliseconds match
+# short values such as "5521" by chance, so the log check reads only what follows.
+LOG_PREFIX = re.compile(r"^\S+ \S+ [A-Z]+ [\w.]+: (conn \d+ from \S+: )?")
+ADDRESS = re.compile(r"\b\d{1,3}(\.\d{1,3}){3}:\d+\b")
+
+
 def proxy_log(log_path) -> str:
-    """Return the proxy's log without the lines of pymongo's loggers."""
+    """Return the messages of the proxy's log, without prefixes and pymongo's lines."""
     lines = log_path.read_text().splitlines()
-    return "\n".join(line for line in lines if not PYMONGO_LOG_LINE.match(line))
+    kept = (line for line in lines if not PYMONGO_LOG_LINE.match(line))
+    messages = (LOG_PREFIX.sub("", line) for line in kept)
+    return "\n".join(ADDRESS.sub("HOST:PORT", message) for message in messages)
 
 
 def assert_bad_value(error: OperationFailure, names: tuple[str, ...], hidden: tuple[str, ...],
@@ -318,8 +327,8 @@ def test_pipeline_update_rejected(deployment, doctor, stored, patient):
 UNSUPPORTED_DETERMINISTIC = {
     "double": (3.5, "3.5"),
     "bool": (True, "True"),
-    "object": ({"area": "900", "serial": "5521"}, "5521"),
-    "array": (["900", "77", "5521"], "5521"),
+    "object": ({"area": "900", "serial": "552193"}, "552193"),
+    "array": (["900", "77", "552193"], "552193"),
 }
 
 
