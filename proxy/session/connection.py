@@ -103,7 +103,7 @@ from proxy.wire import (
     CHECKSUM_PRESENT,
     DuplicateKeyInCommand,
     RepeatedCommandField,
-    check_op_msg_duplicates,
+    parse_unique_op_msg,
     EXHAUST_ALLOWED,
     CompressorId,
     MORE_TO_COME,
@@ -560,8 +560,8 @@ class ClientSession:
         header = parse_header(frame)
         try:
             # bson.decode keeps the last of two equal names while a server may
-            # act on the first, so a repeated name is rejected before decoding.
-            check_op_msg_duplicates(frame, max_depth=_MAX_COMMAND_DEPTH)
+            # act on the first, so a command that repeats a name is rejected.
+            message = parse_unique_op_msg(frame, max_depth=_MAX_COMMAND_DEPTH)
         except DuplicateKeyInCommand as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
             self.meter.reject("duplicate_field")
@@ -569,7 +569,6 @@ class ClientSession:
             await self._reply_to_client(header.request_id, {
                 "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
             return None
-        message = parse_op_msg(frame)
         if self._pending_audit is None and self.state.policy.audit.enabled:
             # Commands named after an unprotected collection (or none) that still read or
             # change protected ones: bulkWrite, joins, views, renames, explain.
@@ -608,7 +607,7 @@ class ClientSession:
             return frame
 
         try:
-            message = await self._rewrite_with_keys(frame)
+            message = await self._rewrite_with_keys(frame, message)
             chunks = split_write(message, self.upstream_frames.max_message_size, self.max_bson_size)
         except CommandError as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
@@ -693,16 +692,19 @@ class ClientSession:
             self.stmt_ids_accepted = False
             del chunk.body["stmtIds"]
 
-    async def _rewrite_with_keys(self, frame: bytes) -> OpMsg:
-        """Rewrite a command, loading the data keys it needs; raises CommandError to reject."""
+    async def _rewrite_with_keys(self, frame: bytes, message: OpMsg) -> OpMsg:
+        """Rewrite a command, loading the data keys it needs; raises CommandError to reject.
+
+        ``message`` is ``frame`` decoded, and the first attempt rewrites it in place.
+        """
         while True:
-            # Decode afresh on every attempt: a failed attempt may have changed the documents.
-            message = parse_op_msg(frame)
             try:
                 body, sequences = rewrite_request(message.body, message.sequences, self.context)
                 return OpMsg(message.flag_bits, body, sequences)
             except KeyNotLoaded as missing:
                 await self._load_class_key(missing)
+            # Decode afresh for the next attempt: the failed one may have changed the documents.
+            message = parse_op_msg(frame)
 
     async def _load_class_key(self, missing: KeyNotLoaded) -> None:
         """Load the key a write needs; raise CommandError naming the key and the cause when it fails."""

@@ -43,6 +43,7 @@ from proxy.wire.op_msg import (
 )
 from proxy.wire.op_query import OpQuery, encode_op_query, parse_op_query
 from proxy.wire.op_reply import OpReply, encode_op_reply, parse_op_reply
+from proxy.wire.unique_parse import parse_unique_op_msg
 
 __all__ = [
     "CHECKSUM_PRESENT",
@@ -78,6 +79,7 @@ __all__ = [
     "must_not_compress",
     "parse_header",
     "parse_op_msg",
+    "parse_unique_op_msg",
     "parse_op_query",
     "parse_op_reply",
     "peek_op_msg",
