@@ -282,6 +282,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_serve(args: argparse.Namespace) -> int:
     from proxy.server import event_loop
     from proxy.server.app import ServeConfig, serve
+    from proxy.server.collector import tune_garbage_collector
     from proxy.session.compression import parse_compressors
 
     config = ServeConfig(
@@ -308,6 +309,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         return run_supervisor(config, args.workers, log_level=args.log_level,
                               log_format=args.log_format)
+    tune_garbage_collector()
     try:
         event_loop.run(serve(config), use_uvloop=config.use_uvloop)
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from proxy.log_format import TEXT_FORMAT, JsonFormatter, configure_logging
 from proxy.policy import PolicyError
 from proxy.server import event_loop
 from proxy.server.app import ProxyServer, ServeConfig
+from proxy.server.collector import tune_garbage_collector
 from proxy.server.worker_http import UnixMetricsServer
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def main() -> int:
         return START_FAILED_STATUS
 
     configure_worker_logging(spec)
+    tune_garbage_collector()
     try:
         event_loop.run(run_worker(spec, control), use_uvloop=spec.config.use_uvloop)
     except _CONFIGURATION_ERRORS as error:
