@@ -10,7 +10,8 @@ command (a repeated name, a deprecated BSON type, a non-canonical value) goes
 through the byte walk, which finds the repeated name or accepts the command.
 
 The nesting limit of the byte walk is kept: a document small enough cannot
-nest too deep, and a larger one has its decoded containers counted.
+nest too deep, and a larger one has its decoded containers counted. The
+documents of an insert are the exception (see ``parse_unique_op_msg``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ _BYTES_PER_LEVEL = 7
 _EMPTY_DOCUMENT_SIZE = 5
 
 
-def parse_unique_op_msg(frame: bytes, *, max_depth: int) -> OpMsg:
+def parse_unique_op_msg(frame: bytes, *, max_depth: int, stored_sequence: str | None = None) -> OpMsg:
     """Decode ``frame`` like ``parse_op_msg`` and reject a repeated field name.
 
     Raises DuplicateKeyInCommand for a repeated name, and ProtocolError for an
     invalid frame or documents nested deeper than ``max_depth`` levels, with
     the same messages as ``check_op_msg_duplicates`` followed by
     ``parse_op_msg``.
+
+    ``stored_sequence`` names a document sequence of documents to store, such
+    as the ``documents`` of an insert, whose nesting is left to the server: the
+    proxy walks them only along the policy's paths, and a server rejects a
+    stored document deeper than its own limit. Counting the levels of every
+    inserted document cost about a tenth of the proxy's CPU on large inserts.
+    A frame that goes through the byte walk gets the limit everywhere.
     """
     try:
         message = parse_op_msg(frame)
@@ -44,12 +52,12 @@ def parse_unique_op_msg(frame: bytes, *, max_depth: int) -> OpMsg:
         check_op_msg_duplicates(frame, max_depth=max_depth)
         raise
 
-    if not _encodes_back(frame, message, max_depth):
+    if not _encodes_back(frame, message, max_depth, stored_sequence):
         check_op_msg_duplicates(frame, max_depth=max_depth)
     return message
 
 
-def _encodes_back(frame: bytes, message: OpMsg, max_depth: int) -> bool:
+def _encodes_back(frame: bytes, message: OpMsg, max_depth: int, stored_sequence: str | None) -> bool:
     """Tell whether every document of ``message`` encodes to its bytes in ``frame``, within the depth."""
     sections = _find_sections(frame, _check_prefix(frame))
 
@@ -65,6 +73,8 @@ def _encodes_back(frame: bytes, message: OpMsg, max_depth: int) -> bool:
                    for document in sequence.documents]
         if b"".join(encoded) != frame[documents_offset:end]:
             return False
+        if sequence.identifier == stored_sequence:
+            continue
         if not all(_within_depth(document, len(raw), max_depth)
                    for document, raw in zip(sequence.documents, encoded)):
             return False

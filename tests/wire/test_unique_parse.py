@@ -236,3 +236,29 @@ def test_depth_decided_as_byte_walk_property(max_depth, depth, padding):
     frame = insert_frame([nested_dicts(depth, filler="x" * padding)])
 
     assert_same_as_oracle(frame, max_depth=max_depth)
+
+
+def test_stored_sequence_depth_left_to_server(byte_walks):
+    frame = insert_frame([nested_dicts(DEPTH + 5, filler="x" * 2000)])
+
+    message = parse_unique_op_msg(frame, max_depth=DEPTH, stored_sequence="documents")
+
+    assert message == parse_op_msg(frame)
+    assert byte_walks == []
+
+
+def test_stored_sequence_body_depth_still_limited():
+    body = {"insert": "patients", "let": nested_dicts(DEPTH + 5, filler="x" * 2000), "$db": "clinic"}
+    frame = encode_op_msg(OpMsg(0, body, [DocumentSequence("documents", [PATIENT])]), 1, 0)
+
+    with pytest.raises(ProtocolError, match="nesting depth exceeds"):
+        parse_unique_op_msg(frame, max_depth=DEPTH, stored_sequence="documents")
+
+
+def test_other_sequence_depth_still_limited():
+    body = {"update": "patients", "$db": "clinic"}
+    statement = {"q": nested_dicts(DEPTH + 5, filler="x" * 2000), "u": {"$set": {"a": 1}}}
+    frame = encode_op_msg(OpMsg(0, body, [DocumentSequence("updates", [statement])]), 1, 0)
+
+    with pytest.raises(ProtocolError, match="nesting depth exceeds"):
+        parse_unique_op_msg(frame, max_depth=DEPTH, stored_sequence="documents")
