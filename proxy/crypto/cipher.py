@@ -44,6 +44,10 @@ class Algorithm(enum.Enum):
 
 _BLOB_SUBTYPES = frozenset(algorithm.value for algorithm in Algorithm)
 
+# The first byte of each algorithm's ciphertext, built once: reading an Enum
+# member's value costs a property call on every encrypted value.
+_SUBTYPE_BYTES = {algorithm: bytes((algorithm.value,)) for algorithm in Algorithm}
+
 
 # The BSON types each algorithm rejects, as in the MongoDB server's type check
 # for FLE1 encryption schemas (isTypeLegalForFle1Algorithm). null, undefined,
@@ -82,7 +86,7 @@ def encrypt_value(
         # layer of encryption would only hide a bug in the caller.
         raise EncryptionError("a BSON binData value of subtype 6 is already encrypted")
 
-    header = bytes((algorithm.value,)) + key.id_bytes + bytes((type_byte,))
+    header = _SUBTYPE_BYTES[algorithm] + key.id_bytes + bytes((type_byte,))
     aead_key = key.aead_key
     if algorithm is Algorithm.DETERMINISTIC:
         if iv is not None:
