@@ -12,6 +12,7 @@ Pure functions: no I/O.
 from __future__ import annotations
 
 import bson
+from bson.raw_bson import RawBSONDocument
 
 from proxy.rewrite import CommandError
 from proxy.wire import CODEC_OPTIONS, DocumentSequence, OpMsg
@@ -34,7 +35,9 @@ _FRAME_OVERHEAD = 30
 _STATEMENT_ALLOWANCE = 16 * 1024
 
 
-def _encoded_size(document: dict) -> int:
+def _encoded_size(document: dict | RawBSONDocument) -> int:
+    if type(document) is RawBSONDocument:
+        return len(document.raw)
     return len(bson.encode(document, codec_options=CODEC_OPTIONS))
 
 

@@ -58,6 +58,7 @@ from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.rewrite import CommandError, RewriteContext, reveal_reply, rewrite_request
 from proxy.rewrite.rows import UserInfo, row_filter_for
+from proxy.rewrite.raw_insert import encrypt_insert_frame
 from proxy.server.topology import (
     NoPrimaryError,
     UpstreamRoute,
@@ -558,10 +559,21 @@ class ClientSession:
     async def _prepare_op_msg(self, frame: bytes, plan: Plan) -> bytes | None:
         """Return the frame to send upstream, or None after replying to the client directly."""
         header = parse_header(frame)
+        if self._takes_raw_insert(plan):
+            try:
+                rewritten = await self._encrypt_insert_raw(frame)
+            except CommandError as error:
+                await self._reject_command(header.request_id, plan.command_name, error)
+                return None
+            if rewritten is not None:
+                return await self._rewritten_frame(header, plan, rewritten)
+
         try:
             # bson.decode keeps the last of two equal names while a server may
             # act on the first, so a command that repeats a name is rejected.
-            message = parse_unique_op_msg(frame, max_depth=_MAX_COMMAND_DEPTH)
+            message = parse_unique_op_msg(
+                frame, max_depth=_MAX_COMMAND_DEPTH,
+                stored_sequence="documents" if plan.command_name == "insert" else None)
         except DuplicateKeyInCommand as error:
             log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
             self.meter.reject("duplicate_field")
@@ -608,18 +620,49 @@ class ClientSession:
 
         try:
             message = await self._rewrite_with_keys(frame, message)
+        except CommandError as error:
+            await self._reject_command(header.request_id, plan.command_name, error)
+            return None
+        return await self._rewritten_frame(header, plan, message)
+
+    def _takes_raw_insert(self, plan: Plan) -> bool:
+        """Tell whether an insert may try the fast path that encrypts documents in their bytes."""
+        if plan.command_name != "insert" or not plan.reveal or plan.guard:
+            return False
+        # The audit record of an insert on a protected namespace was prepared from the peek.
+        return self._pending_audit is not None or not self.state.policy.audit.enabled
+
+    async def _encrypt_insert_raw(self, frame: bytes) -> OpMsg | None:
+        """Encrypt an insert without decoding its documents, loading the keys it needs.
+
+        Returns None when the fast path does not cover the command. Raises
+        CommandError when a key cannot be loaded.
+        """
+        while True:
+            try:
+                return encrypt_insert_frame(frame, self.context, max_depth=_MAX_COMMAND_DEPTH)
+            except KeyNotLoaded as missing:
+                await self._load_class_key(missing)
+
+    async def _rewritten_frame(self, header, plan: Plan, message: OpMsg) -> bytes | None:
+        """Return the frame of a rewritten command, or None after sending it in chunks or rejecting it."""
+        try:
             chunks = split_write(message, self.upstream_frames.max_message_size, self.max_bson_size)
         except CommandError as error:
-            log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
-            self.meter.reject_code(error.code)
-            await self._audit("rejected", code=error.code, reason=error.message)
-            await self._reply_to_client(header.request_id, error.to_reply())
+            await self._reject_command(header.request_id, plan.command_name, error)
             return None
 
         if len(chunks) > 1:
             await self._send_chunks(header.request_id, chunks, bool(message.flag_bits & MORE_TO_COME))
             return None
         return encode_op_msg(message, header.request_id, header.response_to)
+
+    async def _reject_command(self, request_id: int, command_name: str, error: CommandError) -> None:
+        """Log, count and audit a rejected command, and send the client its error reply."""
+        log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, command_name, error)
+        self.meter.reject_code(error.code)
+        await self._audit("rejected", code=error.code, reason=error.message)
+        await self._reply_to_client(request_id, error.to_reply())
 
     async def _send_chunks(self, request_id: int, chunks: list[OpMsg], more_to_come: bool) -> None:
         """Send a write batch as several commands and reply to the client with one merged reply."""
@@ -721,10 +764,7 @@ class ClientSession:
         if error is None:
             return frame
 
-        log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, name, error)
-        self.meter.reject_code(error.code)
-        await self._audit("rejected", code=error.code, reason=error.message)
-        await self._reply_to_client(parse_header(frame).request_id, error.to_reply())
+        await self._reject_command(parse_header(frame).request_id, name, error)
         return None
 
     async def _reject_legacy_opcode(self, header) -> None:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import bson
 import crc32c
+from bson.raw_bson import RawBSONDocument
 
 from proxy.wire._bson_scan import (
     ARRAY,
@@ -77,10 +78,14 @@ _OK_DECODERS = {
 
 
 class DocumentSequence(NamedTuple):
-    """A kind-1 section: documents that belong to the body field ``identifier``."""
+    """A kind-1 section: documents that belong to the body field ``identifier``.
+
+    A parsed sequence holds dicts. A rewrite may put RawBSONDocument objects
+    in their place, whose bytes are then sent as they are.
+    """
 
     identifier: str
-    documents: list[dict]
+    documents: list[dict | RawBSONDocument]
 
 
 class OpMsg(NamedTuple):
@@ -348,8 +353,11 @@ def _encode_sequence(sequence: DocumentSequence) -> bytes:
             f"document sequence identifier {sequence.identifier!r} contains a zero byte"
         )
 
+    # A RawBSONDocument already is its encoding, which bson.encode would copy.
     documents = b"".join(
-        bson.encode(document, codec_options=CODEC_OPTIONS) for document in sequence.documents
+        document.raw if type(document) is RawBSONDocument
+        else bson.encode(document, codec_options=CODEC_OPTIONS)
+        for document in sequence.documents
     )
     size = INT32.size + len(identifier) + 1 + len(documents)
     return b"".join(

@@ -93,6 +93,22 @@ def test_duplicate_key_message_names_field(deployment):
     assert "documents[0]" in reply["errmsg"]
 
 
+def test_repeat_outside_protected_fields_forwarded(deployment):
+    # The proxy reads an inserted document only along the protected paths, so a
+    # repeated name below another field reaches the server, which answers this
+    # unauthenticated connection with Unauthorized.
+    visit = raw_document(element("code", "Z00.0"), element("code", "J06.9"))
+    frame = op_msg_frame(
+        raw_document(element("insert", "patients"), element("$db", "clinic")),
+        ("documents", [raw_document(element("_id", "dup-2"), b"\x03visit\x00" + visit)]),
+    )
+
+    reply = round_trip(deployment.proxy_address, frame)
+
+    assert reply["ok"] == 0
+    assert reply["code"] == 13
+
+
 def test_duplicate_key_keeps_connection(deployment):
     ping = op_msg_frame(raw_document(element("ping", 1), element("$db", "admin")))
     host, port = deployment.proxy_address.rsplit(":", 1)
