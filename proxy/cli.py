@@ -100,20 +100,46 @@ def _add_yes_argument(parser: argparse.ArgumentParser) -> None:
                         help="do not ask for confirmation (required without a terminal)")
 
 
+def _add_logging_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Add --log-level and --log-format, with their defaults or with none (argparse.SUPPRESS)."""
+    parser.add_argument("--log-level", default="INFO" if defaults else argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="minimum level of log lines written to stderr (default: INFO)")
+    parser.add_argument("--log-format", default="text" if defaults else argparse.SUPPRESS,
+                        choices=["text", "json"],
+                        help="format of log lines: text, or json for one JSON object per line "
+                             "with time, level, logger, message, and conn and peer on lines "
+                             "about a client connection (default: text)")
+
+
+class _CommandsWithLogging:
+    """A sub-parser group whose commands, and their own commands, take the logging options."""
+
+    def __init__(self, group, logging_options: argparse.ArgumentParser) -> None:
+        self._group = group
+        self._logging_options = logging_options
+
+    def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
+        return self._group.add_parser(name, parents=[self._logging_options], **options)
+
+    def add_subparsers(self, parser: argparse.ArgumentParser, **options) -> _CommandsWithLogging:
+        return _CommandsWithLogging(parser.add_subparsers(**options), self._logging_options)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mongoveil",
         description="A MongoDB wire-protocol proxy that encrypts configured fields "
                     "and reveals them by role.",
     )
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="minimum level of log lines written to stderr (default: INFO)")
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="format of log lines: text, or json for one JSON object per line "
-                             "with time, level, logger, message, and conn and peer on lines "
-                             "about a client connection (default: text)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    _add_logging_options(parser, defaults=True)
+    # The logging options are also accepted after a command's name (`mongoveil
+    # serve --log-format json`). There they have no default, so the one before
+    # the name, the environment or the config file still applies.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    _add_logging_options(logging_options, defaults=False)
+    commands = _CommandsWithLogging(parser.add_subparsers(dest="command", required=True),
+                                    logging_options)
 
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--listen", type=_host_port, default=DEFAULT_LISTEN, metavar="HOST:PORT",
@@ -189,7 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "other namespaces get none (default: none)")
 
     keys = commands.add_parser("keys", help="manage the master key and data keys")
-    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands = commands.add_subparsers(keys, dest="keys_command", required=True)
     init = key_commands.add_parser(
         "init", help="create the master-key file if missing and the data key of every class")
     _add_key_vault_arguments(init)
@@ -257,7 +283,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="documents read and written per batch (default: 500)")
 
     audit = commands.add_parser("audit", help="check the audit trail")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands = commands.add_subparsers(audit, dest="audit_command", required=True)
     verify = audit_commands.add_parser(
         "verify", help="check the hash chain and MACs of an audit file and report the first "
                        "broken record; the MAC key comes from the key vault")
@@ -265,7 +291,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_key_vault_arguments(verify)
 
     policy = commands.add_parser("policy", help="work with policy files")
-    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_commands = commands.add_subparsers(policy, dest="policy_command", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file and summarize it")
     check.add_argument("file", type=Path, help="policy YAML file")
 

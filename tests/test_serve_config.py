@@ -79,8 +79,28 @@ def test_every_serve_option_has_a_setting():
     long_options = {text[2:] for action in serve_parser(parser)._actions
                     for text in action.option_strings if text.startswith("--") and text != "--help"}
 
-    assert {setting.name for setting in serve_settings} == long_options
-    assert {setting.name for setting in global_settings} >= {"log-level", "log-format"}
+    global_names = {setting.name for setting in global_settings}
+
+    # The logging options after `serve` are the global settings, spelled later.
+    assert {setting.name for setting in serve_settings} == long_options - global_names
+    assert global_names >= {"log-level", "log-format"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-format", "json", "serve"],
+    ["serve", "--log-format", "json"],
+    ["--log-format", "text", "serve", "--log-format", "json"],
+])
+def test_log_format_before_or_after_serve(argv):
+    assert parse(argv).log_format == "json"
+
+
+def test_log_format_after_serve_overrides_environment():
+    assert parse(["serve", "--log-format", "text"], {**BASE_ENV, "MONGOVEIL_LOG_FORMAT": "json"}).log_format == "text"
+
+
+def test_log_format_from_environment_without_flag():
+    assert parse(["serve"], {**BASE_ENV, "MONGOVEIL_LOG_FORMAT": "json"}).log_format == "json"
 
 
 # -- precedence -------------------------------------------------------------------------
