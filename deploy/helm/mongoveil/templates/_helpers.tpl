@@ -155,6 +155,9 @@ mode under `initContainers` with restartPolicy Always.
     - {name: mongoveil-config, mountPath: /etc/mongoveil, readOnly: true}
     - {name: mongoveil-data, mountPath: /var/lib/mongoveil}
     - {name: mongoveil-tmp, mountPath: /tmp}
+    {{- with .Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/* Render-time checks of values that would otherwise fail only in the cluster. */}}
