@@ -179,6 +179,14 @@ class FrameChannel(asyncio.Protocol):
                 self._read_waiter = None
 
     def write(self, data: bytes) -> None:
+        """Send ``data``; raise ConnectionResetError when the connection is already gone.
+
+        asyncio's transports drop a write after close, but uvloop's raise
+        RuntimeError, which would look like a bug of the proxy when a client
+        left while its request (an awaitable hello, say) was still waiting.
+        """
+        if self._lost or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
         self.transport.write(data)
 
     @property

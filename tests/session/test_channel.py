@@ -300,3 +300,19 @@ def test_write_reaches_peer(use_uvloop: bool) -> None:
         listener.close()
 
     run(scenario, use_uvloop)
+
+
+@pytest.mark.parametrize("use_uvloop", LOOPS)
+def test_write_after_peer_left_raises_reset(use_uvloop: bool) -> None:
+    async def scenario() -> None:
+        channel, peer, listener = await _connected_pair()
+        peer.close()
+        assert await channel.read_frame() is None      # the peer's close arrived
+        channel.close()
+        await channel.wait_closed()
+
+        with pytest.raises(ConnectionResetError):
+            channel.write(frame(b"late reply"))
+        listener.close()
+
+    run(scenario, use_uvloop)
