@@ -87,6 +87,7 @@ REJECTION_REASONS = (
     "key_disabled",         # the class's data key is disabled (KeyNotFound, 211)
     "too_large",            # a statement is too large once encrypted (BSONObjectTooLarge, 10334)
     "duplicate_field",      # the command repeats a field name
+    "too_deep",             # the command nests deeper than the proxy reads (Overflow, 15)
     "audit_unavailable",    # the audit trail cannot be written and audit.on_failure is reject
     "break_glass",          # a break-glass request was not allowed or invalid
     "legacy_opcode",        # a legacy opcode, or OP_QUERY other than the handshake
@@ -95,7 +96,7 @@ REJECTION_REASONS = (
 )
 
 _REASONS_BY_CODE = {2: "bad_value", 13: "unauthorized", 6: "key_unavailable",
-                    211: "key_disabled", 10334: "too_large"}
+                    211: "key_disabled", 10334: "too_large", 15: "too_deep"}
 
 PEERS = ("client", "upstream")
 

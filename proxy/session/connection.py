@@ -103,6 +103,7 @@ from proxy.wire.header import op_code_of
 from proxy.wire import (
     CHECKSUM_PRESENT,
     DuplicateKeyInCommand,
+    NestingTooDeep,
     RepeatedCommandField,
     parse_unique_op_msg,
     EXHAUST_ALLOWED,
@@ -580,6 +581,13 @@ class ClientSession:
             await self._audit("rejected", code=error.code, reason=str(error))
             await self._reply_to_client(header.request_id, {
                 "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
+            return None
+        except NestingTooDeep as error:
+            await self._reject_command(header.request_id, plan.command_name, CommandError(
+                error.code, error.code_name,
+                f"{plan.command_name} nests documents and arrays more than {error.max_depth} "
+                f"levels deep (at byte {error.offset}), more than mongoveil reads; MongoDB "
+                "stores documents at most 100 levels deep, so nest the command less deeply"))
             return None
         if self._pending_audit is None and self.state.policy.audit.enabled:
             # Commands named after an unprotected collection (or none) that still read or

@@ -18,7 +18,7 @@ from proxy.wire.duplicates import (
     check_op_msg_duplicates,
     find_duplicate_key,
 )
-from proxy.wire.errors import ProtocolError, RepeatedCommandField
+from proxy.wire.errors import NestingTooDeep, ProtocolError, RepeatedCommandField
 from proxy.wire.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameReader
 from proxy.wire.header import (
     HEADER_SIZE,
@@ -59,6 +59,7 @@ __all__ = [
     "DuplicateKeyInCommand",
     "FrameReader",
     "MsgHeader",
+    "NestingTooDeep",
     "OpCode",
     "OpMsg",
     "OpQuery",

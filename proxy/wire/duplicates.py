@@ -35,7 +35,7 @@ from proxy.wire._decode import (
     document_end,
     read_cstring,
 )
-from proxy.wire.errors import ProtocolError
+from proxy.wire.errors import NestingTooDeep, ProtocolError
 from proxy.wire.op_msg import _check_prefix, _find_sections
 
 # Each object or array adds a level, and the top-level document is level 1.
@@ -90,8 +90,9 @@ def find_duplicate_key(
     The scope document of a JavaScript-code-with-scope value is not searched.
 
     Raises ProtocolError, with an offset from the start of ``document``, when
-    the BSON layout is invalid or documents and arrays nest deeper than
-    ``max_depth`` levels (the top-level document is level 1).
+    the BSON layout is invalid, and its subclass NestingTooDeep when documents
+    and arrays nest deeper than ``max_depth`` levels (the top-level document is
+    level 1).
     """
     _check_max_depth(max_depth)
     # The walk needs bytes.find and hashable slices. A memoryview has no find
@@ -119,9 +120,9 @@ def check_op_msg_duplicates(frame: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH)
     Raises DuplicateKeyInCommand for the first repeated name, searching the
     body first and then the sequences in frame order. Raises ProtocolError,
     with an offset from the start of the frame, when the header, the flag
-    bits, the section layout or a document's BSON layout is invalid, or when
-    a document nests deeper than ``max_depth`` levels. It does not verify
-    the checksum.
+    bits, the section layout or a document's BSON layout is invalid, and its
+    subclass NestingTooDeep when a document nests deeper than ``max_depth``
+    levels. It does not verify the checksum.
     """
     _check_max_depth(max_depth)
     if type(frame) is not bytes:
@@ -217,7 +218,7 @@ def _find_repeat(data: bytes, offset: int, end: int, max_depth: int) -> list[_Se
 
         # Enter the embedded document or array.
         if len(stack) + 2 > max_depth:
-            raise ProtocolError(f"nesting depth exceeds the maximum of {max_depth}", value_offset)
+            raise NestingTooDeep(max_depth, value_offset)
         stack.append((last, seen, key, key_offset))
         last = value_end - 1
         seen = set()

@@ -30,3 +30,19 @@ class RepeatedCommandField(ProtocolError):
     def __init__(self, field: str, offset: int) -> None:
         super().__init__(f"body field {field!r} appears twice", offset)
         self.field = field
+
+
+class NestingTooDeep(ProtocolError):
+    """A command nests documents and arrays deeper than the proxy reads.
+
+    The byte stream is intact, so the session answers with an error reply and
+    keeps the connection, as a server does for a document that is too deep.
+    ``code`` and ``code_name`` are those of that server error (Overflow).
+    """
+
+    code = 15
+    code_name = "Overflow"
+
+    def __init__(self, max_depth: int, offset: int) -> None:
+        super().__init__(f"nesting depth exceeds the maximum of {max_depth}", offset)
+        self.max_depth = max_depth

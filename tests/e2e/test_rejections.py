@@ -422,3 +422,34 @@ def test_aggregate_later_match_on_ssn(deployment, doctor, patient):
         assert_bad_value(error, ("'ssn'", "$match"), (patient["ssn"],), deployment.log_path)
     else:
         assert [document["_id"] for document in documents] == [patient["_id"]]
+
+
+# -- nesting ------------------------------------------------------------------------
+
+OVERFLOW = 15
+
+
+def nested_and(depth: int, innermost: dict) -> dict:
+    """A filter of `depth` nested $and operators around `innermost`."""
+    condition = innermost
+    for _ in range(depth):
+        condition = {"$and": [condition]}
+    return condition
+
+
+def test_deep_filter_rejected_connection_kept(deployment, doctor, patient):
+    # Each $and adds a document and an array, so 60 of them nest 120 levels.
+    with pytest.raises(OperationFailure) as info:
+        doctor.find_one(nested_and(60, {"ssn": patient["ssn"]}))
+
+    assert info.value.code == OVERFLOW
+    assert "100 levels" in info.value.details["errmsg"]
+    assert patient["ssn"] not in info.value.details["errmsg"]
+    assert doctor.find_one({"ssn": patient["ssn"]})["_id"] == patient["_id"]
+    assert "closing after invalid frame: nesting depth" not in deployment.log_path.read_text()
+
+
+def test_filter_within_depth_accepted(doctor, patient):
+    found = doctor.find_one(nested_and(40, {"ssn": patient["ssn"]}))
+
+    assert found["_id"] == patient["_id"]
