@@ -74,6 +74,23 @@ def _positive_int(text: str) -> int:
     return number
 
 
+# Each worker is a whole proxy process (about 20 MB), and more workers than
+# cores only add context switches, so four per usable core is plenty.
+WORKERS_PER_CORE = 4
+
+
+def _worker_count(text: str) -> int:
+    """Parse --workers: 1 or more, and at most WORKERS_PER_CORE per core this process may use."""
+    number = _positive_int(text)
+    cores = len(os.sched_getaffinity(0))
+    limit = WORKERS_PER_CORE * cores
+    if number > limit:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {limit} ({WORKERS_PER_CORE} per usable CPU core, and this "
+            f"machine gives {cores}), got {text!r}")
+    return number
+
+
 def _metrics_listen(text: str) -> tuple[str, int] | None:
     """Parse --metrics-listen: HOST:PORT, or 'disabled' for None."""
     if text.strip().lower() == "disabled":
@@ -181,9 +198,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-uvloop", action="store_true",
                        help="run on asyncio's own event loop even when uvloop is installed "
                             "(by default the proxy uses uvloop when it can import it)")
-    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    serve.add_argument("--workers", type=_worker_count, default=1, metavar="N",
                        help="number of proxy processes that share the listening port "
-                            "(SO_REUSEPORT, Linux), to use N cores; with more than 1, a "
+                            "(SO_REUSEPORT, Linux), to use N cores, at most "
+                            f"{WORKERS_PER_CORE} per usable core; with more than 1, a "
                             "supervisor process starts them again when they exit, and "
                             "--max-connections applies to each (default: 1)")
     # The TLS options keep mongod's names and meanings. --tlsMode is checked when

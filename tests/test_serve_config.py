@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -465,3 +466,17 @@ def test_help_lists_config_keys_and_variables(capsys):
         assert setting.env in text
     assert "MONGOVEIL_LOG_FORMAT" in text
     assert "a number (default: 7)" in text      # %(default)s shows the real default
+
+
+def test_workers_above_four_per_core_rejected(capsys):
+    limit = 4 * len(os.sched_getaffinity(0))
+
+    message = parse_error(capsys, ["serve", "--workers", str(limit + 1)])
+
+    assert f"expected at most {limit}" in message
+
+
+def test_workers_at_four_per_core_accepted():
+    limit = 4 * len(os.sched_getaffinity(0))
+
+    assert parse(["serve", "--workers", str(limit)]).workers == limit

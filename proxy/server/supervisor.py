@@ -162,7 +162,33 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+    try:
+        sockets.append(_instance_lock(host, sockets[0].getsockname()[1]))
+    except ValueError:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
+
+
+def _instance_lock(host: str, port: int) -> socket.socket:
+    """Bind an abstract Unix socket named after the address, which one instance at a time can hold.
+
+    SO_REUSEPORT lets every process of the same user bind the port, so a
+    second `serve --workers` on it would start silently, and the kernel would
+    share the clients between two proxies with possibly different policies.
+    The name lives in the network namespace, as the port does, and is freed
+    when the supervisor exits, however it exits.
+    """
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0mongoveil-listen-{host}:{port}")
+    except OSError:
+        lock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: another mongoveil with --workers "
+                         "listens there") from None
+    return lock
 
 
 @dataclass
@@ -285,8 +311,9 @@ class Supervisor:
         return self._socket_folder / f"worker-{index}.sock"
 
     async def _serve(self) -> int:
-        first = await asyncio.gather(*(self._start_worker(index)
-                                       for index in range(self.worker_count)))
+        started = await asyncio.gather(*(self._start_worker(index)
+                                         for index in range(self.worker_count)))
+        first = [worker for worker in started if worker is not None]
         failed = [worker for worker in first if not worker.started]
         if failed and not self._stopping.is_set():
             for worker in failed:
@@ -334,12 +361,15 @@ class Supervisor:
             except TimeoutError:
                 pass
             worker = await self._start_worker(worker.index)
+            if worker is None:
+                return None
 
-    async def _start_worker(self, index: int) -> _Worker:
+    async def _start_worker(self, index: int) -> _Worker | None:
         """Start the worker of `index` and wait until it listens, exits, or the start times out.
 
-        Returns the worker, whose `started` is True when it reported that it listens.
-        A worker that did not report in time is killed.
+        Returns the worker, whose `started` is True when it reported that it listens,
+        or None when the instance is stopping and no worker was started. A worker
+        that did not report in time is killed.
         """
         spec = WorkerSpec(
             index=index,
@@ -349,6 +379,8 @@ class Supervisor:
             log_level=self.log_level,
             log_format=self.log_format,
         )
+        if self._stopping.is_set():
+            return None     # stopped before this worker was started
         parent, child = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(*self.command, stdin=child)

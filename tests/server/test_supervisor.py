@@ -150,7 +150,42 @@ def test_reserve_port_in_use_raises():
             reserve_port("127.0.0.1", port)
 
 
+def test_second_reservation_of_port_raises():
+    first = reserve_port("127.0.0.1", 0)
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(ValueError, match="another mongoveil with --workers listens there"):
+            reserve_port("127.0.0.1", port)
+    finally:
+        for sock in first:
+            sock.close()
+
+
+def test_port_reserved_again_after_release():
+    first = reserve_port("127.0.0.1", 0)
+    port = first[0].getsockname()[1]
+    for sock in first:
+        sock.close()
+
+    again = reserve_port("127.0.0.1", port)
+
+    assert again[0].getsockname()[1] == port
+    for sock in again:
+        sock.close()
+
+
 # -- the supervisor with stand-in workers -------------------------------------------------
+
+
+async def test_stop_before_start_spawns_no_worker(tmp_path):
+    supervisor = make_supervisor(tmp_path)
+    supervisor.request_stop("test")
+
+    status = await supervisor.run(handle_signals=False)
+
+    assert status == 0
+    assert supervisor.workers == {}
+    assert events(tmp_path) == []
 
 
 async def test_stop_drains_every_worker(tmp_path):
