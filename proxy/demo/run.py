@@ -51,9 +51,17 @@ def load_sample_patients() -> list[dict]:
 
 
 def _prepare_workdir(workdir: Path) -> Path:
-    """Start from an empty server folder; keep an existing master key beside the policy copy."""
+    """Start from an empty server folder; keep an existing master key beside the policy copy.
+
+    The audit trail of an earlier run is moved to audit-previous.jsonl: its
+    records are sealed with a key from the key vault that the empty server no
+    longer has, so the new run starts a chain of its own.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(workdir / "secantus-data", ignore_errors=True)
+    audit_file = workdir / "audit.jsonl"
+    if audit_file.exists():
+        audit_file.replace(workdir / "audit-previous.jsonl")
     policy_path = workdir / "healthcare.yaml"
     shutil.copyfile(POLICY_SOURCE, policy_path)
     return policy_path
