@@ -144,8 +144,9 @@ def _resume(path: Path, fd: int, size: int, mac_key: bytes) -> Chain:
         return resume_from_line(_read_last_line(fd, size), mac_key)
     except ChainError as error:
         raise AuditWriteError(
-            f"audit file {path}: {error}. Check it with `mongoveil audit verify {path}`, "
-            "then move it away so that a new chain starts") from None
+            f"audit file {path}: {error}. Check it with `mongoveil audit verify {path} "
+            "--policy FILE --upstream URI`, then move it away so that a new chain "
+            "starts") from None
     except OSError as error:
         raise AuditWriteError(f"audit file {path}: read failed: {error.strerror}") from None
 
