@@ -52,7 +52,7 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
         log.info("event loop: asyncio (uvloop is not installed; install the 'speed' extra, "
                  "mongoveil[speed], to use it)")
     else:
-        log.info("event loop: asyncio (uvloop turned off by --no-uvloop)")
+        log.info("event loop: asyncio (uvloop turned off by the no-uvloop option)")
 
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

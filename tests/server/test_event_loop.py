@@ -28,7 +28,7 @@ def test_turned_off_uses_asyncio(caplog) -> None:
         module = event_loop.run(_loop_module(), use_uvloop=False)
 
     assert module.startswith("asyncio")
-    assert "event loop: asyncio (uvloop turned off by --no-uvloop)" in caplog.text
+    assert "event loop: asyncio (uvloop turned off by the no-uvloop option)" in caplog.text
 
 
 @needs_uvloop
