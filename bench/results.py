@@ -80,6 +80,11 @@ def _header(results: RunResults) -> str:
              *environment.machine_lines(), *environment.software_lines(),
              *environment.load_lines()]
     text = "# Benchmark results\n\n" + "\n".join(f"- {line}" for line in lines)
+    if getattr(results.settings, "smoke", False):
+        text += ("\n\n**A quick run (`--quick`).** Its tiny sizes and single repetition only "
+                 "check that every benchmark still runs. The figures below say nothing about "
+                 "speed, and the results of the targets are not judgements; run `make bench` "
+                 "for those.")
     share = environment.other_cpu_share
     if share is not None and share > NOTICEABLE_OTHER_LOAD:
         text += (f"\n\nOther processes used {share:.0%} of the machine during this run, so "
@@ -87,6 +92,11 @@ def _header(results: RunResults) -> str:
                  "the paths of one repetition are less affected, because those paths run "
                  "one after the other under the same load.")
     return text
+
+
+def _count(number: int, noun: str) -> str:
+    """Return "1 repetition" or "5 repetitions"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _method(results: RunResults) -> str:
@@ -113,7 +123,7 @@ machine, no authentication) and the same stored documents:
 Each workload runs with {clients} client threads that share one pymongo client (a pool
 of as many connections). In each repetition the paths run one after the other, each for
 {settings.run_seconds:g} s of repeated operations (every thread completes at least one).
-There are {settings.repetitions} repetitions; each figure is `median [min, max]` over them.
+{_count(settings.repetitions, "repetition")} ran; each figure is `median [min, max]` over them.
 Latency percentiles are over all operations of a repetition; "added" is a path's
 percentile minus the direct path's in the same repetition. CPU per operation comes from
 /proc/PID/stat (user + system) of the relay or proxy (with any worker processes), of the

@@ -82,12 +82,14 @@ class Settings:
     idle_settle_seconds: float = 2.0
     profile_seconds: float = 10.0
     worker_counts: tuple[int, ...] = (1, 2)
+    smoke: bool = False                  # sizes too small for the figures to mean anything
 
 
 QUICK = Settings(repetitions=1, run_seconds=0.1, client_counts=(1, 2), patients=60,
                  plain_documents=50, documents_per_find=10, documents_per_insert=20,
                  bulk_fields=50, bulk_runs=2, bulk_seconds=0.1, idle_connections=20,
-                 idle_repetitions=1, idle_settle_seconds=0.2, profile_seconds=1.0)
+                 idle_repetitions=1, idle_settle_seconds=0.2, profile_seconds=1.0,
+                 smoke=True)
 
 
 def run_bulk_decryption(settings: Settings, workdir: Path) -> dict:

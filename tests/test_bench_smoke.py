@@ -61,6 +61,13 @@ def test_quick_run_page_sections(quick_run):
         assert heading in page
 
 
+def test_quick_run_page_says_figures_mean_nothing(quick_run):
+    _, page, _ = quick_run
+
+    assert "A quick run (`--quick`)" in page
+    assert "1 repetition ran" in page
+
+
 def test_quick_run_measures_every_path(quick_run):
     _, page, _ = quick_run
     rows = [line for line in page.splitlines() if line.startswith("| find one by _id")]
