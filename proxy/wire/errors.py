@@ -35,7 +35,7 @@ class RepeatedCommandField(ProtocolError):
 class NestingTooDeep(ProtocolError):
     """A command nests documents and arrays deeper than the proxy reads.
 
-    The byte stream is intact, so the session answers with an error reply and
+    The byte stream is intact, so the session sends an error reply and
     keeps the connection, as a server does for a document that is too deep.
     ``code`` and ``code_name`` are those of that server error (Overflow).
     """
