@@ -95,7 +95,11 @@ def _start_proxy(policy_path: Path, upstream: str, port: int, workdir: Path) -> 
     # The upstream URI contains the proxy's password, so it goes through the
     # environment rather than the process list.
     environment = dict(os.environ, MONGOVEIL_UPSTREAM=upstream)
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
+    # A session of its own keeps the terminal's Ctrl-C from reaching the proxy
+    # directly. The demo then stops it with one signal, so it drains instead of
+    # taking the demo's signal as a second one.
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                               start_new_session=True)
     log_file.close()
 
     deadline = time.monotonic() + 30
@@ -163,6 +167,7 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
         patient = patients[SAMPLE_PATIENT_INDEX]
         _show_views(proxy_address, server.address, patient["_id"])
         if wait:
+            _print_audit_check(workdir, policy_path, service_uri)
             _wait_for_ctrl_c(proxy_address, patient["ssn"])
         return 0
     except KeyboardInterrupt:
@@ -176,6 +181,12 @@ def run_demo(port: int, workdir: Path, wait: bool) -> int:
             except subprocess.TimeoutExpired:
                 proxy.kill()
         server.stop()
+
+
+def _print_audit_check(workdir: Path, policy_path: Path, service_uri: str) -> None:
+    print(f"\nThe audit trail is {workdir / 'audit.jsonl'}; while the demo runs, check it with")
+    print(f"  mongoveil audit verify {workdir / 'audit.jsonl'} --policy {policy_path} \\")
+    print(f"    --upstream '{service_uri}'")
 
 
 def _wait_for_ctrl_c(proxy_address: str, ssn: str) -> None:

@@ -13,7 +13,7 @@ from .aggregate import rewrite_aggregate_pipeline
 from .context import Scope
 from .encrypt_fields import encrypt_document
 from .subjects import write_scope
-from .errors import bad_value
+from .errors import CommandError, bad_value
 from .filters import rewrite_filter
 from .options import check_key_option, check_projection
 from .paths import Relation, describe_match, fields_below, match_path
@@ -21,9 +21,17 @@ from .updates import check_array_filters, rewrite_update
 
 
 def rewrite_insert(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:
-    """Encrypt the protected fields of every document to insert."""
-    for document in _statements(body, sequences, "documents", scope):
-        encrypt_document(document, scope)
+    """Encrypt the protected fields of every document to insert.
+
+    A rejection names the document by its index in the batch, as the server's
+    write errors do, so that the client can find it among many.
+    """
+    for index, document in enumerate(_statements(body, sequences, "documents", scope)):
+        try:
+            encrypt_document(document, scope)
+        except CommandError as error:
+            raise CommandError(error.code, error.code_name,
+                               f"documents[{index}]: {error.message}") from None
 
 
 def rewrite_update_command(body: dict, sequences: list[DocumentSequence], scope: Scope) -> None:

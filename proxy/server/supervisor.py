@@ -187,7 +187,7 @@ def _instance_lock(host: str, port: int) -> socket.socket:
     except OSError:
         lock.close()
         raise ValueError(f"cannot listen on {host}:{port}: another mongoveil with --workers "
-                         "listens there") from None
+                         "listens there; stop it, or choose another --listen") from None
     return lock
 
 

@@ -586,8 +586,9 @@ class ClientSession:
             await self._reject_command(header.request_id, plan.command_name, CommandError(
                 error.code, error.code_name,
                 f"{plan.command_name} nests documents and arrays more than {error.max_depth} "
-                f"levels deep (at byte {error.offset}), more than mongoveil reads; MongoDB "
-                "stores documents at most 100 levels deep, so nest the command less deeply"))
+                f"levels deep (at byte {error.offset}), more than mongoveil reads on a protected "
+                "collection; each $and, $or or $nor counts two levels (the operator's document "
+                "and its array), so nest the command less deeply"))
             return None
         if self._pending_audit is None and self.state.policy.audit.enabled:
             # Commands named after an unprotected collection (or none) that still read or
