@@ -192,12 +192,7 @@ def _encrypt_document(data: bytes, start: int, end: int, tree: _PathTree, scope:
         pieces.append(data[copied_up_to:replaced_from])
         pieces.append(replacement)
         copied_up_to = value_end
-
-    if not pieces:
-        return None
-    pieces.append(data[copied_up_to:end])
-    content = b"".join(pieces)
-    return _INT32.pack(_INT32.size + len(content)) + content
+    return _assemble(data, end, pieces, copied_up_to)
 
 
 def _encrypt_inside(data: bytes, type_byte: int, value_offset: int, value_end: int,
@@ -216,7 +211,7 @@ def _encrypt_inside(data: bytes, type_byte: int, value_offset: int, value_end: i
 
     pieces: list[bytes] = []
     copied_up_to = value_offset + _INT32.size
-    for item_type, _, name_offset, item_offset, item_end in iter_elements(data, value_offset, value_end):
+    for item_type, _, _, item_offset, item_end in iter_elements(data, value_offset, value_end):
         replacement = _encrypt_inside(data, item_type, item_offset, item_end, tree, scope,
                                       depth + 1, max_depth)
         if replacement is None:
@@ -224,10 +219,18 @@ def _encrypt_inside(data: bytes, type_byte: int, value_offset: int, value_end: i
         pieces.append(data[copied_up_to:item_offset])
         pieces.append(replacement)
         copied_up_to = item_end
+    return _assemble(data, value_end, pieces, copied_up_to)
 
+
+def _assemble(data: bytes, end: int, pieces: list[bytes], copied_up_to: int) -> bytes | None:
+    """Return the document or array that ends at ``end``, rebuilt from ``pieces``, or None when empty.
+
+    ``pieces`` are the document's bytes after its length, up to ``copied_up_to``,
+    with the replaced values in place. The rest is copied, and the length is new.
+    """
     if not pieces:
         return None
-    pieces.append(data[copied_up_to:value_end])
+    pieces.append(data[copied_up_to:end])
     content = b"".join(pieces)
     return _INT32.pack(_INT32.size + len(content)) + content
 
