@@ -96,7 +96,8 @@ REJECTION_REASONS = (
 )
 
 _REASONS_BY_CODE = {2: "bad_value", 13: "unauthorized", 6: "key_unavailable",
-                    211: "key_disabled", 10334: "too_large", 15: "too_deep"}
+                    211: "key_disabled", 10334: "too_large", 15: "too_deep",
+                    40413: "duplicate_field"}
 
 PEERS = ("client", "upstream")
 

@@ -91,6 +91,8 @@ def test_rejection_reason_by_code() -> None:
     assert rejection_reason(6) == "key_unavailable"
     assert rejection_reason(211) == "key_disabled"
     assert rejection_reason(10334) == "too_large"
+    assert rejection_reason(15) == "too_deep"
+    assert rejection_reason(40413) == "duplicate_field"
     assert rejection_reason(12345) == "other"
 
 

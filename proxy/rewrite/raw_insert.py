@@ -78,7 +78,7 @@ def encrypt_insert_frame(frame: bytes, ctx: RewriteContext, *, max_depth: int) -
     ciphertexts in place of the protected values. None means that the fast
     path does not cover the frame (see the module docstring) and that the
     general rewrite must take it, also to reject the command with its own
-    message. Raises KeyNotLoaded when a class key is not in the key ring; the
+    message. Raises KeyNotLoaded when a class key is not in the key ring. The
     frame is never changed, so a caller that loads the key may call again with
     the same bytes.
     """

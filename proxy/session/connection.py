@@ -576,11 +576,8 @@ class ClientSession:
                 frame, max_depth=_MAX_COMMAND_DEPTH,
                 stored_sequence="documents" if plan.command_name == "insert" else None)
         except DuplicateKeyInCommand as error:
-            log.info("conn %d from %s: rejected %s: %s", self.id, self.peer, plan.command_name, error)
-            self.meter.reject("duplicate_field")
-            await self._audit("rejected", code=error.code, reason=str(error))
-            await self._reply_to_client(header.request_id, {
-                "ok": 0.0, "errmsg": str(error), "code": error.code, "codeName": error.code_name})
+            await self._reject_command(header.request_id, plan.command_name,
+                                       CommandError(error.code, error.code_name, str(error)))
             return None
         except NestingTooDeep as error:
             await self._reject_command(header.request_id, plan.command_name, CommandError(
@@ -745,7 +742,7 @@ class ClientSession:
             del chunk.body["stmtIds"]
 
     async def _rewrite_with_keys(self, frame: bytes, message: OpMsg) -> OpMsg:
-        """Rewrite a command, loading the data keys it needs; raises CommandError to reject.
+        """Rewrite a command, loading the data keys it needs, and raise CommandError to reject it.
 
         ``message`` is ``frame`` decoded, and the first attempt rewrites it in place.
         """

@@ -80,8 +80,8 @@ _OK_DECODERS = {
 class DocumentSequence(NamedTuple):
     """A kind-1 section: documents that belong to the body field ``identifier``.
 
-    A parsed sequence holds dicts. A rewrite may put RawBSONDocument objects
-    in their place, whose bytes are then sent as they are.
+    A parsed sequence contains dicts. A rewrite may put RawBSONDocument
+    objects in their place, whose bytes are then sent as they are.
     """
 
     identifier: str

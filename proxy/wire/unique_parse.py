@@ -38,11 +38,11 @@ def parse_unique_op_msg(frame: bytes, *, max_depth: int, stored_sequence: str | 
     ``parse_op_msg``.
 
     ``stored_sequence`` names a document sequence of documents to store, such
-    as the ``documents`` of an insert, whose nesting is left to the server: the
-    proxy walks them only along the policy's paths, and a server rejects a
-    stored document deeper than its own limit. Counting the levels of every
-    inserted document cost about a tenth of the proxy's CPU on large inserts.
-    A frame that goes through the byte walk gets the limit everywhere.
+    as the ``documents`` of an insert. Their nesting is left to the server,
+    because the proxy walks them only along the policy's paths and a server
+    rejects a stored document deeper than its own limit. Counting the levels
+    of every inserted document cost about a tenth of the proxy's CPU on large
+    inserts. A frame that goes through the byte walk gets the limit everywhere.
     """
     try:
         message = parse_op_msg(frame)

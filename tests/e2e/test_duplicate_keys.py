@@ -95,8 +95,8 @@ def test_duplicate_key_message_names_field(deployment):
 
 def test_repeat_outside_protected_fields_forwarded(deployment):
     # The proxy reads an inserted document only along the protected paths, so a
-    # repeated name below another field reaches the server, which answers this
-    # unauthenticated connection with Unauthorized.
+    # repeated name below another field reaches the server, which replies
+    # Unauthorized to this unauthenticated connection.
     visit = raw_document(element("code", "Z00.0"), element("code", "J06.9"))
     frame = op_msg_frame(
         raw_document(element("insert", "patients"), element("$db", "clinic")),
