@@ -127,6 +127,11 @@ def parse_op_msg(frame: bytes) -> OpMsg:
     specification, when a sequence identifier repeats or is also a body
     field, or when a document is not valid BSON.
     """
+    return _parse_sections(frame)[0]
+
+
+def _parse_sections(frame: bytes) -> tuple[OpMsg, _Sections]:
+    """Decode a frame as `parse_op_msg` does, and also return where its sections are."""
     flag_bits = _check_prefix(frame)
     if flag_bits & CHECKSUM_PRESENT:
         verify_checksum(frame)
@@ -138,7 +143,7 @@ def parse_op_msg(frame: bytes) -> OpMsg:
         sequence = _decode_sequence(frame, start, end)
         _check_identifier(sequence.identifier, body, sequences, start)
         sequences.append(sequence)
-    return OpMsg(flag_bits, body, sequences)
+    return OpMsg(flag_bits, body, sequences), sections
 
 
 def encode_op_msg(msg: OpMsg, request_id: int, response_to: int) -> bytes:

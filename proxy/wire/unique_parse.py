@@ -21,7 +21,7 @@ import bson
 from proxy.wire.bson_options import CODEC_OPTIONS
 from proxy.wire.duplicates import check_op_msg_duplicates
 from proxy.wire.errors import ProtocolError
-from proxy.wire.op_msg import OpMsg, _check_prefix, _find_sections, parse_op_msg
+from proxy.wire.op_msg import OpMsg, _parse_sections, _Sections
 
 # Each level of nesting costs at least 7 bytes: a type byte, an empty name's
 # zero byte, and an embedded document's length and terminating zero byte.
@@ -45,22 +45,21 @@ def parse_unique_op_msg(frame: bytes, *, max_depth: int, stored_sequence: str | 
     inserts. A frame that goes through the byte walk gets the limit everywhere.
     """
     try:
-        message = parse_op_msg(frame)
+        message, sections = _parse_sections(frame)
     except ProtocolError:
         # A sequence identifier that repeats a body field fails the decode, but
         # it is a fault of the command with its own error reply.
         check_op_msg_duplicates(frame, max_depth=max_depth)
         raise
 
-    if not _encodes_back(frame, message, max_depth, stored_sequence):
+    if not _encodes_back(frame, message, sections, max_depth, stored_sequence):
         check_op_msg_duplicates(frame, max_depth=max_depth)
     return message
 
 
-def _encodes_back(frame: bytes, message: OpMsg, max_depth: int, stored_sequence: str | None) -> bool:
+def _encodes_back(frame: bytes, message: OpMsg, sections: _Sections, max_depth: int,
+                  stored_sequence: str | None) -> bool:
     """Tell whether every document of ``message`` encodes to its bytes in ``frame``, within the depth."""
-    sections = _find_sections(frame, _check_prefix(frame))
-
     body = frame[sections.body_offset:sections.body_end]
     if not _same_document(message.body, body, max_depth):
         return False
